@@ -1,0 +1,130 @@
+"""Supervised fine-tuning of a vision-language model from a recipe.
+
+Usage:
+    python scripts/sft.py recipes/demo/shapes_qwen2vl.yaml [--key value ...]
+    accelerate launch scripts/sft.py recipes/<task>_<model>.yaml [--key value ...]
+    python scripts/sft.py --config RECIPE.yaml [--key value ...]
+
+Command-line keys override the recipe file. Keys are fields of `vlm_recipes.configs.VLMScriptArguments`,
+`trl.SFTConfig` and `trl.ModelConfig`.
+"""
+
+import logging
+import math
+import sys
+
+import transformers
+from trl import SFTTrainer
+
+from vlm_recipes.collator import VisionChatCollator
+from vlm_recipes.configs import RecipeError, parse_recipe, resolved_recipe
+from vlm_recipes.models import load_model, load_processor, peft_config_for
+from vlm_recipes.training import ensure_demo_inputs, load_splits, save_resolved_recipe
+
+logger = logging.getLogger("sft")
+
+
+def main(script_args, training_args, model_args):
+    ################
+    # Logging
+    ################
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    transformers.utils.logging.set_verbosity_warning()
+    # Our collator needs the raw `images` and `messages` columns; it does its own (untruncated) tokenization.
+    training_args.remove_unused_columns = False
+    training_args.dataset_kwargs = {**(training_args.dataset_kwargs or {}), "skip_prepare_dataset": True}
+
+    ################
+    # Data
+    ################
+    ensure_demo_inputs(script_args, model_args.model_name_or_path)
+    eval_split = script_args.eval_split if training_args.eval_strategy != "no" else None
+    (train_dataset, eval_dataset), bad_rows = load_splits(script_args, [script_args.dataset_train_split, eval_split])
+
+    ################
+    # Model and processor
+    ################
+    processor = load_processor(
+        model_args, script_args.min_pixels, script_args.max_pixels, training_args.trust_remote_code
+    )
+    model = load_model(model_args, training_args.trust_remote_code)
+    peft_config = peft_config_for(model, model_args)
+
+    ################
+    # Collator; over-long samples are dropped up front (and counted) rather than mid-epoch
+    ################
+    collator = VisionChatCollator(processor, max_length=training_args.max_length, too_long=script_args.too_long)
+    dropped = {}
+    if script_args.too_long == "drop":
+        train_dataset, dropped["train"] = collator.filter_too_long(train_dataset, "train")
+        if eval_dataset is not None:
+            eval_dataset, dropped["eval"] = collator.filter_too_long(eval_dataset, "eval")
+        for split, names in dropped.items():
+            if names:
+                logger.warning("Dropped %d %s sample(s) over max_length=%s.", len(names), split, collator.max_length)
+
+    ################
+    # Training
+    ################
+    trainer = SFTTrainer(
+        model=model,
+        args=training_args,
+        data_collator=collator,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=processor,
+        peft_config=peft_config,
+    )
+    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+
+    ################
+    # Save: weights or adapter, processor files, generation config, resolved recipe
+    ################
+    trainer.save_model(training_args.output_dir)
+    if trainer.accelerator.is_main_process:
+        processor.save_pretrained(training_args.output_dir)
+        trainer.model.generation_config.save_pretrained(training_args.output_dir)
+        save_resolved_recipe(resolved_recipe(script_args, training_args, model_args), training_args.output_dir)
+
+    ################
+    # Report
+    ################
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    final_loss = losses[-1] if losses else train_result.training_loss
+    if not math.isfinite(final_loss):
+        raise RuntimeError(f"Training diverged: final loss {final_loss}.")
+    total_dropped = sum(len(names) for names in dropped.values()) + collator.num_dropped
+    if trainer.accelerator.is_main_process:
+        print(f"final loss: {final_loss:.4f} (steps: {trainer.state.global_step})")
+        print(f"too-long samples dropped: {total_dropped} (max_length={training_args.max_length})")
+        print(f"malformed rows skipped: {len(bad_rows.skipped)}")
+        if bad_rows.skipped:
+            print(bad_rows.summary())
+        print(f"saved to: {training_args.output_dir}")
+        if script_args.verify_saved_model:
+            verify_saved_model(training_args.output_dir, bool(peft_config))
+
+
+def verify_saved_model(output_dir, is_adapter):
+    """Reload the output directory the way a user would, as a check that it is complete."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    AutoProcessor.from_pretrained(output_dir)
+    if is_adapter:
+        from peft import AutoPeftModelForCausalLM  # noqa: F401  (adapter dirs reload through PEFT)
+        from peft import PeftConfig
+
+        base = PeftConfig.from_pretrained(output_dir).base_model_name_or_path
+        model = AutoModelForImageTextToText.from_pretrained(base)
+        model.load_adapter(output_dir)
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(output_dir)
+    print(f"reloaded: {type(model).__name__} with {sum(p.numel() for p in model.parameters())} parameters")
+
+
+if __name__ == "__main__":
+    try:
+        main(*parse_recipe())
+    except (RecipeError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,432 @@
+"""One messages-format collator for every task and model family.
+
+`VisionChatCollator` renders each whole conversation with the processor's own chat template, runs the processor on
+images and text together, and supervises the assistant turns only.
+
+Why our own collator rather than TRL's `DataCollatorForVisionLanguageModeling`:
+- TRL's assistant-only loss needs `{% generation %}` markers in the chat template; the real Qwen2-VL, SmolVLM and
+  LLaVA templates have none. We find each assistant span by rendering conversation prefixes (the prompt up to the
+  generation cue, then the prompt plus the assistant turn), which works for any prefix-consistent template and,
+  where a template does have markers, gives the same span (checked by the tests).
+- TRL truncates over-long vision samples; a cut inside or before the image tokens breaks the model's image/token
+  alignment. We never truncate: a too-long sample is an error or is dropped and counted.
+- We validate rows (image count against placeholders, missing assistant turn) and name the row in the error.
+
+Character spans become token positions through the processor's own `return_offsets_mapping` and
+`return_text_replacement_offsets` (transformers >= 5.18), so the image-token expansion of every family is handled
+by the family's processor, not by us.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["IGNORE_INDEX", "LabelReason", "VisionChatCollator"]
+
+IGNORE_INDEX = -100
+TOO_LONG_POLICIES = ("error", "drop")
+ROLES = ("system", "user", "assistant")
+
+
+class LabelReason:
+    """Why a token is supervised or masked (used by `VisionChatCollator.explain`)."""
+
+    ASSISTANT = "supervised: assistant turn"
+    PROMPT_CUE = "masked: assistant prompt cue (what add_generation_prompt renders)"
+    ADDED_EOS = "supervised: end-of-turn appended by the collator"
+    IMAGE = "masked: image token"
+    PADDING = "masked: padding"
+    SYSTEM = "masked: system turn"
+    USER = "masked: user turn"
+    TEMPLATE = "masked: chat-template text outside any turn"
+
+
+@dataclass
+class _RenderedRow:
+    """One conversation rendered to text, with the character spans that the loss covers."""
+
+    name: str
+    text: str
+    images: list[Any]
+    assistant_spans: list[tuple[int, int]]
+    # Filled only for `explain`: (start, end, role) of every message, and where an end-of-turn token was appended.
+    message_regions: list[tuple[int, int, str]] = field(default_factory=list)
+    added_eos_spans: list[tuple[int, int]] = field(default_factory=list)
+
+
+def _row_name(example: dict[str, Any], index: int) -> str:
+    row_id = example.get("id")
+    return f"row {index} (id {row_id!r})" if row_id is not None else f"row {index}"
+
+
+def _normalize_content(content: Any, where: str) -> list[dict[str, Any]]:
+    """Return content as a list of typed items; a plain string becomes one text item.
+
+    Some templates (SmolVLM/Idefics3) iterate over `content` and would walk a string character by character.
+    """
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if not isinstance(content, list):
+        raise ValueError(f"{where}: `content` must be a string or a list of items, got {type(content).__name__}.")
+    items = []
+    for item in content:
+        if not isinstance(item, dict) or item.get("type") not in ("text", "image"):
+            raise ValueError(
+                f"{where}: content items must be {{'type': 'image'}} or {{'type': 'text', 'text': ...}}, got {item!r}."
+            )
+        if item["type"] == "text":
+            if not isinstance(item.get("text"), str):
+                raise ValueError(f"{where}: a text item needs a string `text`, got {item!r}.")
+            items.append({"type": "text", "text": item["text"]})
+        else:
+            items.append({"type": "image"})
+    return items
+
+
+class VisionChatCollator:
+    """Collate `{"images": [PIL.Image, ...], "messages": [...]}` examples into a training batch.
+
+    Labels are `-100` on padding, on every image token, and on every system, user and template token; every token of
+    an assistant turn is supervised, including its end-of-turn token (`<|im_end|>`, `<end_of_utterance>`...), so the
+    model learns to stop.
+
+    Args:
+        processor (`ProcessorMixin`):
+            The model's processor, with a chat template and a fast tokenizer.
+        max_length (`int`, *optional*):
+            Longest allowed sequence in tokens, image tokens included. `None` allows any length.
+        too_long (`str`, defaults to `"error"`):
+            What to do with a sample over `max_length`: `"error"` raises, naming the sample and its length; `"drop"`
+            leaves it out of the batch and counts it in `num_dropped`. Samples are never truncated.
+        add_eos_if_missing (`bool`, defaults to `True`):
+            Some templates (LLaVA-1.5) end an assistant turn with no special token, so the model would never learn to
+            stop. Then the tokenizer's `eos_token` is appended to each assistant turn (logged once).
+        pad_to_multiple_of (`int`, *optional*):
+            Pad the batch length to a multiple of this.
+    """
+
+    def __init__(
+        self,
+        processor,
+        max_length: int | None = None,
+        too_long: str = "error",
+        add_eos_if_missing: bool = True,
+        pad_to_multiple_of: int | None = None,
+    ):
+        if too_long not in TOO_LONG_POLICIES:
+            raise ValueError(f"`too_long` must be one of {TOO_LONG_POLICIES}, got {too_long!r}.")
+        if max_length is not None and max_length <= 0:
+            raise ValueError(f"`max_length` must be positive or None, got {max_length}.")
+        tokenizer = getattr(processor, "tokenizer", None)
+        if tokenizer is None:
+            raise ValueError(f"{type(processor).__name__} has no tokenizer; pass the model's multimodal processor.")
+        if getattr(processor, "chat_template", None) is None:
+            raise ValueError(
+                f"{type(processor).__name__} has no chat template; set `processor.chat_template` "
+                "(e.g. from `trl/chat_templates/<family>.jinja`) or load the Instruct model's processor."
+            )
+        if not getattr(tokenizer, "is_fast", False):
+            raise ValueError("VisionChatCollator needs a fast tokenizer (offset mappings); install `tokenizers`.")
+        if tokenizer.pad_token is None:
+            raise ValueError("The tokenizer has no pad token; set `processor.tokenizer.pad_token` before collating.")
+        self.processor = processor
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.too_long = too_long
+        self.add_eos_if_missing = add_eos_if_missing
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.num_dropped = 0
+        self.dropped_names: list[str] = []
+        self._warned_added_eos = False
+        # Special tokens that can close a turn: anything special except what stands for an image.
+        image_tokens = {getattr(processor, name, None) for name in ("image_token", "video_token", "boi_token")}
+        self._end_of_turn_tokens = tuple(
+            token for token in tokenizer.all_special_tokens if token and token not in image_tokens
+        )
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # Rendering: messages -> text and assistant character spans
+    # ---------------------------------------------------------------------------------------------------------------
+    def _render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
+        return self.processor.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def _validate(self, example: dict[str, Any], name: str) -> tuple[list[dict[str, Any]], list[Any]]:
+        if not isinstance(example, dict) or "messages" not in example:
+            raise ValueError(f"{name}: an example must be a dict with `messages` (and `images`), got {example!r:.200}.")
+        images = example.get("images") or []
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        raw_messages = example["messages"]
+        if not isinstance(raw_messages, list) or len(raw_messages) == 0:
+            raise ValueError(f"{name}: `messages` is empty; a training example needs a user and an assistant turn.")
+        messages = []
+        for turn, message in enumerate(raw_messages):
+            where = f"{name}, message {turn}"
+            if not isinstance(message, dict) or message.get("role") not in ROLES:
+                raise ValueError(f"{where}: `role` must be one of {ROLES}, got {message!r:.200}.")
+            if "content" not in message or message["content"] is None:
+                raise ValueError(f"{where}: the {message['role']} message has no `content`.")
+            content = _normalize_content(message["content"], where)
+            if message["role"] == "assistant":
+                if any(item["type"] == "image" for item in content):
+                    raise ValueError(f"{where}: an assistant turn holds an image; images belong in user turns.")
+                if not "".join(item["text"] for item in content).strip():
+                    raise ValueError(f"{where}: the assistant turn is empty; there is nothing to learn from it.")
+            messages.append({"role": message["role"], "content": content})
+        roles = [message["role"] for message in messages]
+        if "assistant" not in roles:
+            raise ValueError(f"{name}: no assistant turn; the loss is computed on assistant turns only.")
+        if roles[0] == "assistant":
+            raise ValueError(f"{name}: the conversation starts with an assistant turn; add the user turn it answers.")
+        num_placeholders = sum(item["type"] == "image" for m in messages for item in m["content"])
+        if num_placeholders != len(images):
+            raise ValueError(
+                f"{name}: {num_placeholders} image placeholder(s) ({{'type': 'image'}} items) in `messages` but "
+                f"{len(images)} image(s) in `images`; they must match one to one, in order."
+            )
+        return messages, list(images)
+
+    def _render_row(self, example: dict[str, Any], index: int, with_regions: bool = False) -> _RenderedRow:
+        name = _row_name(example, index)
+        messages, images = self._validate(example, name)
+        text = self._render(messages)
+        spans: list[tuple[int, int]] = []
+        regions: list[tuple[int, int, str]] = []
+        previous_end = 0
+        for turn, message in enumerate(messages):
+            if message["role"] != "assistant" and not with_regions:
+                continue
+            through_turn = self._render(messages[: turn + 1])
+            if not text.startswith(through_turn):
+                raise ValueError(
+                    f"{name}: the chat template renders the first {turn + 1} messages differently from the start of "
+                    "the whole conversation, so assistant turns cannot be located. Use a template whose output for a "
+                    "conversation prefix is a prefix of its output (e.g. one that keeps earlier reasoning)."
+                )
+            if message["role"] == "assistant":
+                prompt = self._render(messages[:turn], add_generation_prompt=True)
+                if not through_turn.startswith(prompt) or not prompt.startswith(text[:previous_end]):
+                    raise ValueError(
+                        f"{name}: with `add_generation_prompt=True` the chat template does not render a prefix of "
+                        f"message {turn}'s assistant turn; cannot tell the prompt from the answer."
+                    )
+                spans.append((len(prompt), len(through_turn)))
+                regions.append((previous_end, len(prompt), "assistant_cue"))
+                regions.append((len(prompt), len(through_turn), "assistant"))
+            else:
+                regions.append((previous_end, len(through_turn), message["role"]))
+            previous_end = len(through_turn)
+        row = _RenderedRow(name=name, text=text, images=images, assistant_spans=spans, message_regions=regions)
+        self._close_assistant_turns(row)
+        return row
+
+    def _close_assistant_turns(self, row: _RenderedRow) -> None:
+        """Append `eos_token` to assistant turns that the template leaves without an end-of-turn token."""
+        new_text, new_spans, shift, added = [], [], 0, []
+        cursor = 0
+        for start, end in row.assistant_spans:
+            content_end = start + len(row.text[start:end].rstrip())
+            if row.text[start:content_end].endswith(self._end_of_turn_tokens) or not self.add_eos_if_missing:
+                new_spans.append((start + shift, end + shift))
+                continue
+            if not self._warned_added_eos:
+                logger.warning(
+                    "The chat template ends assistant turns without an end-of-turn token; appending %r to each "
+                    "assistant turn so that the model learns to stop.",
+                    self.tokenizer.eos_token,
+                )
+                self._warned_added_eos = True
+            eos = self.tokenizer.eos_token
+            new_text.append(row.text[cursor:content_end])
+            new_text.append(eos)
+            cursor = content_end
+            added.append((content_end + shift, content_end + shift + len(eos)))
+            new_spans.append((start + shift, content_end + shift + len(eos)))
+            shift += len(eos)
+        if not added:
+            return
+        new_text.append(row.text[cursor:])
+        row.text = "".join(new_text)
+        row.assistant_spans = new_spans
+        row.added_eos_spans = added
+        # Regions after an insertion move right by the characters inserted before them.
+        row.message_regions = [
+            (
+                start + sum(len(self.tokenizer.eos_token) for a, _ in added if a < start),
+                end + sum(len(self.tokenizer.eos_token) for a, _ in added if a < end),
+                role,
+            )
+            for start, end, role in row.message_regions
+        ]
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # Processing: text + images -> tensors and labels
+    # ---------------------------------------------------------------------------------------------------------------
+    def _process(self, rows: list[_RenderedRow]) -> tuple[dict[str, Any], torch.Tensor, list[list[dict]]]:
+        has_images = any(row.images for row in rows)
+        kwargs = {}
+        if self.pad_to_multiple_of is not None:
+            kwargs["pad_to_multiple_of"] = self.pad_to_multiple_of
+        encoded = self.processor(
+            text=[row.text for row in rows],
+            images=[row.images for row in rows] if has_images else None,
+            padding=True,
+            padding_side="right",
+            return_tensors="pt",
+            return_offsets_mapping=True,
+            return_text_replacement_offsets=True,
+            **kwargs,
+        )
+        encoded = dict(encoded)
+        offsets = encoded.pop("offset_mapping")
+        replacements = encoded.pop("text_replacement_offsets", None) or [[] for _ in rows]
+        return encoded, offsets, replacements
+
+    @staticmethod
+    def _to_processed_chars(position: int, replacements: list[dict]) -> int:
+        """Map a character position of the rendered text to the processor's text, where image placeholders grew."""
+        shift = 0
+        for replacement in replacements:
+            if replacement["span"][1] <= position:
+                shift += (replacement["new_span"][1] - replacement["new_span"][0]) - (
+                    replacement["span"][1] - replacement["span"][0]
+                )
+        return position + shift
+
+    @staticmethod
+    def _tokens_in(offsets: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """Boolean mask of the tokens that overlap characters [start, end); zero-width tokens never do."""
+        token_starts, token_ends = offsets[:, 0], offsets[:, 1]
+        return (token_starts < end) & (token_ends > start) & (token_ends > token_starts)
+
+    def _labels(
+        self, rows: list[_RenderedRow], encoded: dict[str, Any], offsets: torch.Tensor, replacements: list[list[dict]]
+    ) -> torch.Tensor:
+        input_ids = encoded["input_ids"]
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
+        for i, row in enumerate(rows):
+            supervised = torch.zeros(input_ids.shape[1], dtype=torch.bool)
+            for start, end in row.assistant_spans:
+                supervised |= self._tokens_in(
+                    offsets[i],
+                    self._to_processed_chars(start, replacements[i]),
+                    self._to_processed_chars(end, replacements[i]),
+                )
+            for replacement in replacements[i]:  # image tokens never carry loss
+                supervised &= ~self._tokens_in(offsets[i], *replacement["new_span"])
+            supervised &= encoded["attention_mask"][i].bool()
+            labels[i, supervised] = input_ids[i, supervised]
+        return labels
+
+    def _check_lengths(self, rows: list[_RenderedRow], encoded: dict[str, Any]) -> list[int]:
+        """Return the indices of rows longer than `max_length` (raising in `error` mode)."""
+        if self.max_length is None:
+            return []
+        lengths = encoded["attention_mask"].sum(dim=1).tolist()
+        too_long = [i for i, length in enumerate(lengths) if length > self.max_length]
+        if too_long and self.too_long == "error":
+            i = too_long[0]
+            raise ValueError(
+                f"{rows[i].name} is {lengths[i]} tokens long (image tokens included), over max_length="
+                f"{self.max_length}. Samples are never truncated, since a cut inside or before the image tokens "
+                "breaks the image/text alignment: raise `max_length`, lower the image pixel budget, or set "
+                "`too_long: drop` to leave such samples out (they are counted and reported)."
+            )
+        return too_long
+
+    def encode(self, examples: Sequence[dict[str, Any]], with_regions: bool = False):
+        """Render, process and label examples; returns `(batch, rows)` with the rendered rows kept for inspection."""
+        rows = [self._render_row(example, i, with_regions) for i, example in enumerate(examples)]
+        encoded, offsets, replacements = self._process(rows)
+        too_long = self._check_lengths(rows, encoded)
+        if too_long:
+            self.num_dropped += len(too_long)
+            self.dropped_names.extend(rows[i].name for i in too_long)
+            logger.warning(
+                "Dropped %d sample(s) over max_length=%d: %s (%d dropped so far).",
+                len(too_long),
+                self.max_length,
+                ", ".join(rows[i].name for i in too_long),
+                self.num_dropped,
+            )
+            kept = [i for i in range(len(rows)) if i not in set(too_long)]
+            if not kept:
+                raise ValueError(
+                    f"Every sample of this batch is over max_length={self.max_length}; filter the dataset first "
+                    "(`VisionChatCollator.filter_too_long`), raise `max_length` or lower the image pixel budget."
+                )
+            rows = [rows[i] for i in kept]
+            encoded, offsets, replacements = self._process(rows)
+        encoded["labels"] = self._labels(rows, encoded, offsets, replacements)
+        return encoded, rows, offsets, replacements
+
+    def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch, _, _, _ = self.encode(examples)
+        return batch
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # Helpers for scripts
+    # ---------------------------------------------------------------------------------------------------------------
+    def sample_length(self, example: dict[str, Any], index: int = 0) -> int:
+        """Token count of one example as the model sees it (image tokens included), without truncation."""
+        row = self._render_row(example, index)
+        encoded, _, _ = self._process([row])
+        return int(encoded["attention_mask"].sum())
+
+    def filter_too_long(self, dataset, name: str = "dataset") -> tuple[Any, list[str]]:
+        """Return `(dataset without samples over max_length, names of those left out)`; shows progress."""
+        from tqdm.auto import tqdm
+
+        if self.max_length is None:
+            return dataset, []
+        kept, dropped = [], []
+        for index in tqdm(range(len(dataset)), desc=f"Measuring {name} lengths", leave=False):
+            example = dataset[index]
+            if self.sample_length(example, index) > self.max_length:
+                dropped.append(_row_name(example, index))
+            else:
+                kept.append(index)
+        return (dataset.select(kept) if dropped else dataset), dropped
+
+    def explain(self, example: dict[str, Any]) -> list[tuple[int, str, int, str]]:
+        """Return `(token_id, token_text, label, reason)` for each token of one example, for debugging data."""
+        batch, rows, offsets, replacements = self.encode([example], with_regions=True)
+        row, offsets, replacements = rows[0], offsets[0], replacements[0]
+        input_ids, labels, attention = batch["input_ids"][0], batch["labels"][0], batch["attention_mask"][0]
+
+        def tokens_in(span: tuple[int, int]) -> torch.Tensor:
+            start, end = (self._to_processed_chars(char, replacements) for char in span)
+            return self._tokens_in(offsets, start, end)
+
+        # Later assignments win: turn regions, then appended end-of-turn tokens, image tokens and padding.
+        reasons = [LabelReason.TEMPLATE] * len(input_ids)
+        role_reason = {
+            "system": LabelReason.SYSTEM,
+            "user": LabelReason.USER,
+            "assistant_cue": LabelReason.PROMPT_CUE,
+            "assistant": LabelReason.ASSISTANT,
+        }
+        layers = [(region[:2], role_reason[region[2]]) for region in row.message_regions]
+        layers += [(span, LabelReason.ADDED_EOS) for span in row.added_eos_spans]
+        for span, reason in layers:
+            for position in tokens_in(span).nonzero().flatten().tolist():
+                reasons[position] = reason
+        for replacement in replacements:
+            for position in self._tokens_in(offsets, *replacement["new_span"]).nonzero().flatten().tolist():
+                reasons[position] = LabelReason.IMAGE
+        for position in (~attention.bool()).nonzero().flatten().tolist():
+            reasons[position] = LabelReason.PADDING
+        tokens = self.tokenizer.convert_ids_to_tokens(input_ids.tolist())
+        return [
+            (int(token_id), token, int(label), reason)
+            for token_id, token, label, reason in zip(input_ids.tolist(), tokens, labels.tolist(), reasons)
+        ]

@@ -1,0 +1,221 @@
+"""Recipe configuration: our script arguments on top of TRL's `SFTConfig` and `ModelConfig`, and the recipe parser.
+
+A recipe is a YAML file whose keys are fields of `VLMScriptArguments`, `trl.SFTConfig` and `trl.ModelConfig`
+(TRL's and the Trainer's own names wherever those exist). `parse_recipe` reads it the way users type it:
+`scripts/sft.py RECIPE.yaml [--key value ...]` or `scripts/sft.py --config RECIPE.yaml [--key value ...]`, with
+command-line keys overriding the file, and fails on unknown keys before anything heavy is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser
+
+__all__ = ["RecipeError", "VLMScriptArguments", "parse_recipe", "read_recipe_file", "resolved_recipe"]
+
+TOO_LONG_POLICIES = ("error", "drop")
+BAD_ROW_POLICIES = ("error", "skip")
+
+
+class RecipeError(ValueError):
+    """A problem with the recipe or the command line, reported as one line without a traceback."""
+
+
+@dataclass
+class VLMScriptArguments(ScriptArguments):
+    """Arguments of vlm-recipes' scripts beyond TRL's `SFTConfig` and `ModelConfig`.
+
+    Args:
+        task (`str`, defaults to `"messages"`):
+            Registered task (`vlm_recipes.tasks.TASKS`) that reads the native data format into messages.
+        dataset_path (`str`, *optional*):
+            Local directory holding the task's native data files. Takes the place of TRL's `dataset_name`.
+        image_base_dir (`str`, *optional*):
+            Directory that relative image paths are resolved against; defaults to `dataset_path`.
+        eval_split (`str`, *optional*, defaults to `"val"`):
+            Split used for evaluation during training (`None` to skip).
+        max_train_samples (`int`, *optional*):
+            Use at most this many training samples (the first ones).
+        max_eval_samples (`int`, *optional*):
+            Use at most this many evaluation samples.
+        min_pixels (`int`, *optional*):
+            Image pixel budget, lower bound, for processors that resize by area (Qwen-VL).
+        max_pixels (`int`, *optional*):
+            Image pixel budget, upper bound. Caps the image tokens per image.
+        too_long (`str`, defaults to `"error"`):
+            A sample over `max_length` is never truncated: `error` stops, `drop` leaves it out and reports the count.
+        on_bad_row (`str`, defaults to `"error"`):
+            A malformed data row: `error` stops before training, `skip` leaves it out, counted and listed.
+        tiny_model_family (`str`, *optional*):
+            If set and `model_name_or_path` does not exist, build a tiny random model of this family there first.
+        generate_data_if_missing (`bool`, defaults to `False`):
+            If `dataset_path` does not exist, generate the task's demo data there first.
+        demo_data_size (`int`, defaults to `64`):
+            Number of samples of generated demo data.
+        verify_saved_model (`bool`, defaults to `False`):
+            After saving, reload the output directory with `AutoProcessor` and `AutoModelForImageTextToText`.
+    """
+
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "Hub dataset name (unused by the local tasks; use `dataset_path`)."}
+    )
+    task: str = field(default="messages", metadata={"help": "Registered task that reads the native data format."})
+    dataset_path: str | None = field(default=None, metadata={"help": "Local directory of the task's native data."})
+    image_base_dir: str | None = field(
+        default=None, metadata={"help": "Directory for relative image paths; defaults to `dataset_path`."}
+    )
+    eval_split: str | None = field(default="val", metadata={"help": "Evaluation split during training, or None."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many train samples."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use at most this many eval samples."})
+    min_pixels: int | None = field(default=None, metadata={"help": "Image pixel budget, lower bound (Qwen-VL)."})
+    max_pixels: int | None = field(default=None, metadata={"help": "Image pixel budget, upper bound (Qwen-VL)."})
+    too_long: str = field(
+        default="error",
+        metadata={"help": "Sample over `max_length`: `error` or `drop` (counted).", "choices": list(TOO_LONG_POLICIES)},
+    )
+    on_bad_row: str = field(
+        default="error",
+        metadata={"help": "Malformed data row: `error` or `skip` (counted).", "choices": list(BAD_ROW_POLICIES)},
+    )
+    tiny_model_family: str | None = field(
+        default=None, metadata={"help": "Build a tiny model of this family at `model_name_or_path` if missing."}
+    )
+    generate_data_if_missing: bool = field(
+        default=False, metadata={"help": "Generate the task's demo data at `dataset_path` if it is missing."}
+    )
+    demo_data_size: int = field(default=64, metadata={"help": "Number of generated demo samples."})
+    verify_saved_model: bool = field(
+        default=False, metadata={"help": "Reload the saved output directory after training, as a check."}
+    )
+
+    def __post_init__(self):
+        if self.too_long not in TOO_LONG_POLICIES:
+            raise RecipeError(f"`too_long` must be one of {TOO_LONG_POLICIES}, got {self.too_long!r}.")
+        if self.on_bad_row not in BAD_ROW_POLICIES:
+            raise RecipeError(f"`on_bad_row` must be one of {BAD_ROW_POLICIES}, got {self.on_bad_row!r}.")
+        if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
+            raise RecipeError(f"`min_pixels`={self.min_pixels} is above `max_pixels`={self.max_pixels}.")
+
+
+RECIPE_DATACLASSES = (VLMScriptArguments, SFTConfig, ModelConfig)
+# Keys a recipe may hold besides dataclass fields (TrlParser sets environment variables from `env`).
+EXTRA_RECIPE_KEYS = ("env",)
+
+
+def valid_recipe_keys() -> set[str]:
+    return {f.name for cls in RECIPE_DATACLASSES for f in dataclasses.fields(cls) if f.init} | set(EXTRA_RECIPE_KEYS)
+
+
+def _unknown_key_error(key: str, where: str) -> RecipeError:
+    suggestions = difflib.get_close_matches(key, sorted(valid_recipe_keys()), n=1, cutoff=0.5)
+    hint = f"; did you mean `{suggestions[0]}`?" if suggestions else "; see `python scripts/sft.py --help`."
+    return RecipeError(f"Unknown key `{key}` in {where}{hint}")
+
+
+def read_recipe_file(path: str | Path) -> dict[str, Any]:
+    """Load a recipe YAML, with one-line errors for a missing file, bad YAML, or unknown keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"Recipe file {path} not found.")
+    try:
+        recipe = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        location = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise RecipeError(f"{location}: YAML syntax error: {problem}.") from None
+    if recipe is None:
+        recipe = {}
+    if not isinstance(recipe, dict):
+        raise RecipeError(f"Recipe file {path} must hold a mapping of keys to values, not {type(recipe).__name__}.")
+    valid = valid_recipe_keys()
+    for key in recipe:
+        if key not in valid:
+            raise _unknown_key_error(str(key), f"recipe {path}")
+    return recipe
+
+
+def _split_recipe_path(args: list[str]) -> tuple[str | None, list[str]]:
+    """Accept the recipe positionally (first argument not starting with `--`) or as `--config PATH`."""
+    args = list(args)
+    recipe_path = None
+    if "--config" in args:
+        index = args.index("--config")
+        if index + 1 >= len(args):
+            raise RecipeError("`--config` needs a recipe path.")
+        recipe_path = args[index + 1]
+        del args[index : index + 2]
+    elif args and not args[0].startswith("-"):
+        recipe_path = args.pop(0)
+    return recipe_path, args
+
+
+def _check_command_line_keys(args: list[str]) -> None:
+    valid = valid_recipe_keys() | {"help", "h"}
+    for arg in args:
+        if arg.startswith("--"):
+            key = arg[2:].split("=", 1)[0]
+            if key not in valid:
+                raise _unknown_key_error(key, "the command line")
+
+
+def parse_recipe(args: list[str] | None = None) -> tuple[VLMScriptArguments, SFTConfig, ModelConfig]:
+    """Parse `[RECIPE.yaml | --config RECIPE.yaml] [--key value ...]` into our three dataclasses."""
+    import sys
+
+    args = list(sys.argv[1:] if args is None else args)
+    recipe_path, args = _split_recipe_path(args)
+    if recipe_path is not None:
+        read_recipe_file(recipe_path)  # validates before TrlParser reads it
+        args = ["--config", recipe_path, *args]
+    _check_command_line_keys([a for a in args if a != "--config"])
+    parser = TrlParser(RECIPE_DATACLASSES)
+    try:
+        script_args, training_args, model_args = parser.parse_args_and_config(args)
+    except RecipeError:
+        raise
+    except ValueError as error:  # dataclass validation from TRL/transformers
+        raise RecipeError(str(error).splitlines()[0]) from None
+    return script_args, training_args, model_args
+
+
+def _field_default(dataclass_field: dataclasses.Field) -> Any:
+    if dataclass_field.default is not dataclasses.MISSING:
+        return dataclass_field.default
+    if dataclass_field.default_factory is not dataclasses.MISSING:
+        return dataclass_field.default_factory()
+    return dataclasses.MISSING
+
+
+def _plain(value: Any) -> Any:
+    """YAML-safe form of a config value (enums become their values)."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if hasattr(value, "value") and not isinstance(value, (str, int, float, bool)):
+        return value.value
+    return value
+
+
+def resolved_recipe(
+    script_args: VLMScriptArguments, training_args: SFTConfig, model_args: ModelConfig
+) -> dict[str, Any]:
+    """Every key whose effective value differs from its default: a recipe that reproduces the run."""
+    resolved: dict[str, Any] = {}
+    for instance in (script_args, model_args, training_args):
+        values = instance.to_dict() if hasattr(instance, "to_dict") else dataclasses.asdict(instance)
+        for dataclass_field in dataclasses.fields(instance):
+            if not dataclass_field.init or dataclass_field.name not in values:
+                continue
+            value = _plain(values[dataclass_field.name])
+            if value != _plain(_field_default(dataclass_field)):
+                resolved[dataclass_field.name] = value
+    # Placeholders that `to_dict` puts in place of secrets are not recipe values.
+    return {key: value for key, value in resolved.items() if not (isinstance(value, str) and value.startswith("<"))}

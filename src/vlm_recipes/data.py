@@ -1,0 +1,102 @@
+"""Dataset loading shared by the tasks: row checks, image paths, and the bad-row policy (error | skip, counted).
+
+Every task turns its native rows into `{"id", "images": [path, ...], "messages": [...]}`; `build_dataset` turns those
+into a `datasets.Dataset` whose `images` column decodes to PIL images on access, which is what the collator takes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["BadRow", "BadRowReport", "build_dataset", "read_jsonl", "resolve_image"]
+
+
+class BadRow(ValueError):
+    """A malformed data row; the message names the file, the row and what is wrong."""
+
+    def __init__(self, file: str | Path, row: int | str, reason: str):
+        self.file, self.row, self.reason = str(file), row, reason
+        super().__init__(f"{file}, row {row}: {reason}")
+
+
+@dataclass
+class BadRowReport:
+    """Rows left out under `on_bad_row: skip`, so that nothing is dropped silently."""
+
+    policy: str = "error"
+    skipped: list[BadRow] = field(default_factory=list)
+
+    def handle(self, error: BadRow) -> None:
+        if self.policy == "error":
+            raise error
+        self.skipped.append(error)
+
+    def summary(self) -> str:
+        if not self.skipped:
+            return "no malformed rows"
+        lines = [f"skipped {len(self.skipped)} malformed row(s):"]
+        lines += [f"  - {error}" for error in self.skipped[:50]]
+        if len(self.skipped) > 50:
+            lines.append(f"  ... and {len(self.skipped) - 50} more")
+        return "\n".join(lines)
+
+
+def read_jsonl(path: str | Path, report: BadRowReport) -> list[tuple[int, dict[str, Any]]]:
+    """Return `(line number, row)` pairs of a JSONL file; a line that is not a JSON object is a bad row."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Data file {path} not found.")
+    rows = []
+    with path.open(encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                report.handle(BadRow(path, line_number, f"invalid JSON ({error.msg} at column {error.colno})"))
+                continue
+            if not isinstance(row, dict):
+                report.handle(BadRow(path, line_number, f"expected a JSON object, got {type(row).__name__}"))
+                continue
+            rows.append((line_number, row))
+    return rows
+
+
+def resolve_image(path_value: Any, base_dir: Path, file: Path, row: int | str) -> str:
+    """Absolute path of an existing image file, or a `BadRow` that says which one is missing."""
+    if not isinstance(path_value, str) or not path_value:
+        raise BadRow(file, row, f"image path must be a non-empty string, got {path_value!r}")
+    image_path = Path(path_value)
+    if not image_path.is_absolute():
+        image_path = base_dir / image_path
+    if not image_path.is_file():
+        raise BadRow(file, row, f"image file {image_path} not found")
+    return str(image_path)
+
+
+def build_dataset(rows: list[dict[str, Any]]):
+    """A `datasets.Dataset` with `id`, `images` (decoded to PIL on access) and `messages` columns."""
+    import datasets
+
+    if not rows:
+        raise ValueError("No usable rows: the dataset is empty after loading.")
+    records = [
+        {"id": str(row["id"]), "images": list(row["images"]), "messages": json.dumps(row["messages"])} for row in rows
+    ]
+    dataset = datasets.Dataset.from_list(records)
+    dataset = dataset.cast_column("images", datasets.List(datasets.Image()))
+    # Messages are stored as JSON text (their content items mix shapes that Arrow would pad with nulls) and parsed
+    # back on access.
+    return dataset.with_transform(_decode_messages)
+
+
+def _decode_messages(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    batch["messages"] = [json.loads(messages) for messages in batch["messages"]]
+    return batch

@@ -1,0 +1,10 @@
+"""Task plug-ins: each module turns one native data format into messages (and, later, prompts and metrics).
+
+A new task is one module here that subclasses `Task` and decorates it with `@register_task`; nothing in
+`scripts/sft.py` or the collator changes.
+"""
+
+from .base import TASKS, Task, get_task, register_task
+from . import messages, shapes  # noqa: E402,F401  (registers the tasks)
+
+__all__ = ["TASKS", "Task", "get_task", "register_task"]

@@ -1,0 +1,408 @@
+"""Tiny random-weight vision-language models, built offline, for tests and CPU demos.
+
+A tiny model keeps its family's real architecture class, image geometry and chat template, with every width and
+depth shrunk so that it trains on a CPU in seconds. Two ways to get its processor:
+
+- own processor (default): a small byte-level BPE tokenizer trained here with the `tokenizers` library on a small
+  built-in corpus, holding the family's special tokens, plus the family's real chat template as TRL ships it
+  (`trl/chat_templates/<name>.jinja`) and a small image processor. The whole model is under one million parameters.
+- a real processor directory (`processor_dir`, e.g. `../shared/processors/qwen2-vl`): its tokenizer, chat template
+  and image processor are used unchanged, and the image geometry (patch size, merge size, image size) is read from
+  the directory's `config.json` when present. The real vocabulary then dominates the parameter count (151k tokens
+  for Qwen), so such a model is a few million parameters.
+
+A family is one `TinyFamily` entry in `TINY_FAMILIES`; adding a family means adding one entry.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["TINY_FAMILIES", "TinyFamily", "build_tiny_model", "build_tiny_tokenizer", "trl_chat_template"]
+
+# Byte-level BPE vocabulary size of our own tokenizer (on top of the 256 byte symbols and the special tokens).
+OWN_VOCAB_SIZE = 1024
+
+# A small corpus: enough English, digits and JSON punctuation that common words and numbers become single tokens.
+_CORPUS_LINES = [
+    "What is shown in this image? Describe the picture in one short sentence.",
+    "The image shows a red square on a white background. A blue circle sits next to a green triangle.",
+    "Classify into: water, land, fire, wood, metal. Context: Element: water land fire wood metal",
+    "Analyze this chess board image and describe the position in JSON format with pieces and metadata.",
+    '{"pieces": [{"square": "e4", "color": "white", "type": "pawn"}], "metadata": {"side_to_move": "black"}}',
+    "king queen rook bishop knight pawn white black castling en passant halfmove fullmove",
+    "click(100, 200) type(\"hello\") scroll(down, 100) wait(2) the login button the search field submit",
+    '{"type": "click", "x": 100, "y": 200} {"type": "type", "text": "hello"} {"type": "scroll"}',
+    "Open the viewer, select the patient, choose the series, load the MRI scan, confirm the study.",
+    "You are a helpful assistant. User: Assistant: system user assistant",
+    "red green blue yellow orange purple black white gray brown pink cyan colour color shape size",
+    "square circle triangle star rectangle line dot small large left right top bottom center middle",
+    "yes no true false none null one two three four five six seven eight nine ten zero",
+    "0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 20 25 30 32 40 50 64 100 128 200 256 500 1000",
+    "The quick brown fox jumps over the lazy dog. A picture is worth a thousand words.",
+    "Answer the question about the image. Please answer with a single word. The answer is",
+]
+
+
+def _training_corpus() -> list[str]:
+    numbers = [" ".join(str(n) for n in range(start, start + 50)) for start in range(0, 1000, 50)]
+    return _CORPUS_LINES * 20 + numbers
+
+
+def trl_chat_template(name: str) -> str:
+    """Return the text of a chat template that TRL ships (`trl/chat_templates/<name>.jinja`)."""
+    import trl
+
+    path = Path(trl.__file__).parent / "chat_templates" / f"{name}.jinja"
+    if not path.is_file():
+        available = sorted(p.stem for p in path.parent.glob("*.jinja"))
+        raise FileNotFoundError(f"TRL ships no chat template named {name!r} ({path}); available: {available}")
+    return path.read_text(encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class TinyFamily:
+    """How to build a tiny model of one model family.
+
+    Args:
+        name (`str`): registry key, e.g. `qwen2_vl`.
+        model_type (`str`): the transformers `model_type` of the family's config.
+        chat_template (`str`): name of the family's original chat template among TRL's `chat_templates`.
+        special_tokens (`list[str]`): tokens our own tokenizer must hold as single special tokens.
+        eos_token (`str`): end-of-turn token; generation stops on it.
+        pad_token (`str`): padding token.
+        extra_tokenizer_attributes (`dict`): attributes the family's processor reads from its tokenizer.
+        make_config (`Callable`): `(base_config_dict | None, tokenizer) -> PretrainedConfig` with tiny sizes.
+        make_vision_processors (`Callable`): `() -> {"image_processor": ..., ...}` for our own small processor.
+        processor_kwargs (`dict`): extra keyword arguments of the family's processor class.
+    """
+
+    name: str
+    model_type: str
+    chat_template: str
+    special_tokens: list[str]
+    eos_token: str
+    pad_token: str
+    make_config: Callable[[dict[str, Any] | None, Any], Any]
+    make_vision_processors: Callable[[], dict[str, Any]]
+    processor_class: str
+    extra_tokenizer_attributes: dict[str, str] = field(default_factory=dict)
+    processor_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Qwen2-VL and Qwen2.5-VL
+# --------------------------------------------------------------------------------------------------------------------
+_QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+# Tiny text model: hidden 32, 2 heads of 16; M-RoPE splits the 8 rotary frequency pairs over (time, height, width).
+_QWEN_TEXT = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "max_position_embeddings": 4096,
+    "tie_word_embeddings": True,
+    "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
+}
+
+
+def _qwen_token_ids(tokenizer) -> dict[str, int]:
+    ids = {
+        "image_token_id": tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+        "video_token_id": tokenizer.convert_tokens_to_ids("<|video_pad|>"),
+        "vision_start_token_id": tokenizer.convert_tokens_to_ids("<|vision_start|>"),
+        "vision_end_token_id": tokenizer.convert_tokens_to_ids("<|vision_end|>"),
+    }
+    return ids
+
+
+def _vision_geometry(base: dict[str, Any] | None, keys: tuple[str, ...], defaults: dict[str, Any]) -> dict[str, Any]:
+    """Keep the image geometry of a real config (patch size, merge size...) so its image processor fits the model."""
+    vision = (base or {}).get("vision_config", {})
+    return {key: vision.get(key, defaults[key]) for key in keys}
+
+
+def _text_token_ids(tokenizer) -> dict[str, int | None]:
+    return {
+        "vocab_size": len(tokenizer),
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.convert_tokens_to_ids(tokenizer.eos_token),
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
+def _make_qwen2_vl_config(base: dict[str, Any] | None, tokenizer):
+    from transformers import Qwen2VLConfig
+
+    geometry = _vision_geometry(
+        base,
+        ("patch_size", "spatial_merge_size", "temporal_patch_size"),
+        {"patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2},
+    )
+    vision = {"depth": 1, "embed_dim": 32, "hidden_size": 32, "num_heads": 2, "mlp_ratio": 2, **geometry}
+    return Qwen2VLConfig(
+        text_config={**_QWEN_TEXT, **_text_token_ids(tokenizer)},
+        vision_config=vision,
+        **_qwen_token_ids(tokenizer),
+    )
+
+
+def _make_qwen2_5_vl_config(base: dict[str, Any] | None, tokenizer):
+    from transformers import Qwen2_5_VLConfig
+
+    geometry = _vision_geometry(
+        base,
+        ("patch_size", "spatial_merge_size", "temporal_patch_size", "window_size"),
+        {"patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112},
+    )
+    vision = {
+        "depth": 2,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_heads": 2,
+        "out_hidden_size": 32,
+        "fullatt_block_indexes": [1],
+        **geometry,
+    }
+    return Qwen2_5_VLConfig(
+        text_config={**_QWEN_TEXT, **_text_token_ids(tokenizer)},
+        vision_config=vision,
+        **_qwen_token_ids(tokenizer),
+    )
+
+
+def _make_qwen_image_processor():
+    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    # 28x28 pixels make one image token after the 2x2 merge; 56x56..224x224 gives 4 to 64 image tokens.
+    geometry = {"patch_size": 14, "merge_size": 2, "temporal_patch_size": 2}
+    return {
+        "image_processor": Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=224 * 224, **geometry),
+        "video_processor": Qwen2VLVideoProcessor(min_pixels=56 * 56, max_pixels=224 * 224, **geometry),
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# SmolVLM (Idefics3 architecture)
+# --------------------------------------------------------------------------------------------------------------------
+# Tiles of a split image are tagged <row_R_col_C>; 4x4 tiles are enough for the tiny image sizes.
+_SMOLVLM_ROW_COL_TOKENS = [f"<row_{row}_col_{col}>" for row in range(1, 5) for col in range(1, 5)]
+_SMOLVLM_SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<end_of_utterance>",
+    "<fake_token_around_image>",
+    "<image>",
+    "<global-img>",
+    *_SMOLVLM_ROW_COL_TOKENS,
+]
+# Own processor: 32x32 tiles of 8x8 patches, pixel-shuffled by 2 -> (32/8)^2 / 2^2 = 4 image tokens per tile.
+_SMOLVLM_TILE = 32
+_SMOLVLM_PATCH = 8
+_SMOLVLM_SCALE = 2
+
+
+def _make_smolvlm_config(base: dict[str, Any] | None, tokenizer):
+    from transformers import Idefics3Config
+
+    geometry = _vision_geometry(
+        base, ("image_size", "patch_size"), {"image_size": _SMOLVLM_TILE, "patch_size": _SMOLVLM_PATCH}
+    )
+    scale_factor = (base or {}).get("scale_factor", _SMOLVLM_SCALE)
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, **geometry}
+    text = {
+        **_text_token_ids(tokenizer),
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": True,
+    }
+    return Idefics3Config(
+        vision_config=vision,
+        text_config=text,
+        scale_factor=scale_factor,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        tie_word_embeddings=True,
+    )
+
+
+def _make_smolvlm_image_processor():
+    from transformers import Idefics3ImageProcessor
+
+    # No tiling by default: one 32x32 view per image keeps the tiny demo fast; the real SmolVLM splits into tiles.
+    image_processor = Idefics3ImageProcessor(
+        size={"longest_edge": 2 * _SMOLVLM_TILE},
+        max_image_size={"longest_edge": _SMOLVLM_TILE},
+        do_image_splitting=False,
+    )
+    return {"image_processor": image_processor}
+
+
+TINY_FAMILIES: dict[str, TinyFamily] = {
+    "qwen2_vl": TinyFamily(
+        name="qwen2_vl",
+        model_type="qwen2_vl",
+        chat_template="qwen2_5_vl",  # Qwen2-VL ships a byte-identical template
+        special_tokens=_QWEN_SPECIAL_TOKENS,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        make_config=_make_qwen2_vl_config,
+        make_vision_processors=_make_qwen_image_processor,
+        processor_class="Qwen2VLProcessor",
+    ),
+    "qwen2_5_vl": TinyFamily(
+        name="qwen2_5_vl",
+        model_type="qwen2_5_vl",
+        chat_template="qwen2_5_vl",
+        special_tokens=_QWEN_SPECIAL_TOKENS,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        make_config=_make_qwen2_5_vl_config,
+        make_vision_processors=_make_qwen_image_processor,
+        processor_class="Qwen2_5_VLProcessor",
+    ),
+    "smolvlm": TinyFamily(
+        name="smolvlm",
+        model_type="idefics3",
+        chat_template="smolvlm",
+        special_tokens=_SMOLVLM_SPECIAL_TOKENS,
+        eos_token="<end_of_utterance>",
+        pad_token="<|endoftext|>",
+        make_config=_make_smolvlm_config,
+        make_vision_processors=_make_smolvlm_image_processor,
+        processor_class="Idefics3Processor",
+        extra_tokenizer_attributes={"image_token": "<image>", "end_of_utterance_token": "<end_of_utterance>"},
+        processor_kwargs={"image_seq_len": (_SMOLVLM_TILE // _SMOLVLM_PATCH) ** 2 // _SMOLVLM_SCALE**2},
+    ),
+}
+
+
+def get_tiny_family(name: str) -> TinyFamily:
+    if name not in TINY_FAMILIES:
+        raise ValueError(f"Unknown tiny-model family {name!r}; choose one of {sorted(TINY_FAMILIES)}.")
+    return TINY_FAMILIES[name]
+
+
+def build_tiny_tokenizer(family: TinyFamily):
+    """Train a small byte-level BPE tokenizer holding the family's special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=OWN_VOCAB_SIZE + len(family.special_tokens),
+        special_tokens=family.special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(_training_corpus(), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token=family.eos_token,
+        pad_token=family.pad_token,
+        additional_special_tokens=[t for t in family.special_tokens if t not in (family.eos_token, family.pad_token)],
+        padding_side="right",
+        model_max_length=4096,
+    )
+    for attribute, token in family.extra_tokenizer_attributes.items():
+        setattr(tokenizer, attribute, token)
+    return tokenizer
+
+
+def _own_processor(family: TinyFamily, training_template: bool):
+    import transformers
+
+    tokenizer = build_tiny_tokenizer(family)
+    chat_template = trl_chat_template(family.chat_template + ("_training" if training_template else ""))
+    processor_class = getattr(transformers, family.processor_class)
+    return processor_class(
+        **family.make_vision_processors(),
+        tokenizer=tokenizer,
+        chat_template=chat_template,
+        **family.processor_kwargs,
+    )
+
+
+def build_tiny_model(
+    family_name: str,
+    output_dir: str | Path,
+    processor_dir: str | Path | None = None,
+    training_template: bool = False,
+    seed: int = 0,
+) -> Path:
+    """Build a tiny random-weight model of a family and save it with its processor to `output_dir`.
+
+    Args:
+        family_name (`str`): a key of `TINY_FAMILIES`.
+        output_dir (`str` or `Path`): where `save_pretrained` writes model, processor and generation config.
+        processor_dir (`str` or `Path`, *optional*): a real processor directory to wrap instead of our own.
+        training_template (`bool`, defaults to `False`): with our own processor, wear TRL's `_training` variant of
+            the family's template (with `{% generation %}` markers) instead of the original.
+        seed (`int`, defaults to `0`): seed of the random weights.
+
+    Returns:
+        The output directory. It loads with `AutoModelForImageTextToText.from_pretrained` and
+        `AutoProcessor.from_pretrained`, offline.
+    """
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
+
+    family = get_tiny_family(family_name)
+    output_dir = Path(output_dir)
+
+    if processor_dir is not None:
+        processor_dir = Path(processor_dir)
+        if not processor_dir.is_dir():
+            raise FileNotFoundError(f"Processor directory {processor_dir} does not exist.")
+        processor = AutoProcessor.from_pretrained(processor_dir)
+        config_path = processor_dir / "config.json"
+        base_config = json.loads(config_path.read_text()) if config_path.is_file() else None
+        if base_config is not None and base_config.get("model_type") != family.model_type:
+            raise ValueError(
+                f"{config_path} is a {base_config.get('model_type')!r} model, not {family.model_type!r} "
+                f"(family {family.name!r}); pick the matching --family."
+            )
+    else:
+        processor = _own_processor(family, training_template)
+        base_config = None
+    tokenizer = processor.tokenizer
+    if tokenizer.pad_token is None:
+        raise ValueError(f"The tokenizer in {processor_dir} has no pad token; set one in its tokenizer_config.json.")
+
+    config = family.make_config(base_config, tokenizer)
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(config)
+    eos_token_id = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
+    model.generation_config = GenerationConfig(
+        eos_token_id=eos_token_id, pad_token_id=tokenizer.pad_token_id, do_sample=False, max_new_tokens=64
+    )
+    model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
+    num_parameters = sum(p.numel() for p in model.parameters())
+    logger.info("Built tiny %s model (%d parameters) in %s", family.name, num_parameters, output_dir)
+    return output_dir

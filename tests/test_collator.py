@@ -1,0 +1,332 @@
+"""Label properties of VisionChatCollator on tiny models of each family and on the real processors."""
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoProcessor
+
+from vlm_recipes.collator import IGNORE_INDEX, LabelReason, VisionChatCollator
+from vlm_recipes.tiny import TINY_FAMILIES, trl_chat_template
+
+from conftest import real_processor_dir, requires_real_processor
+
+# Per template kind, what an assistant turn looks like once rendered: the text that must be supervised, stripped.
+END_OF_TURN = {"qwen": "<|im_end|>", "smolvlm": "<end_of_utterance>", "llava": "</s>"}
+REAL_PROCESSORS = {
+    "qwen2-vl": ("qwen", {}),
+    "qwen2.5-vl": ("qwen", {}),
+    "smolvlm": ("smolvlm", {"do_image_splitting": False}),
+    "llava": ("llava", {}),
+}
+TINY_KIND = {"qwen2_vl": "qwen", "qwen2_5_vl": "qwen", "smolvlm": "smolvlm"}
+
+
+def image(width, height, colour="red"):
+    return Image.new("RGB", (width, height), colour)
+
+
+def user(text, images=0):
+    return {"role": "user", "content": [{"type": "image"}] * images + [{"type": "text", "text": text}]}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
+
+
+def conversations():
+    """Single image; multi-turn with a system prompt and images in two turns; text-only; two images in one turn."""
+    return [
+        {"images": [image(64, 48)], "messages": [user("What is this?", 1), assistant("A red square.")]},
+        {
+            "images": [image(90, 120, "blue"), image(56, 56, "green")],
+            "messages": [
+                {"role": "system", "content": "Answer briefly."},
+                user("First picture?", 1),
+                assistant("Blue."),
+                user("And the second one?", 1),
+                assistant("Green, small."),
+            ],
+        },
+        {"images": [], "messages": [user("Say hi."), {"role": "assistant", "content": "hi there"}]},
+        {"images": [image(80, 60), image(60, 80, "yellow")], "messages": [user("Compare.", 2), assistant("Red, yellow.")]},
+    ]
+
+
+def supervised_runs(labels_row):
+    """Contiguous runs of supervised positions, as lists of token ids."""
+    runs, current = [], []
+    for label in labels_row.tolist():
+        if label == IGNORE_INDEX:
+            if current:
+                runs.append(current)
+            current = []
+        else:
+            current.append(label)
+    if current:
+        runs.append(current)
+    return runs
+
+
+def check_labels(processor, kind, examples, batch):
+    tokenizer = processor.tokenizer
+    input_ids, labels, attention = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    image_token_id = tokenizer.convert_tokens_to_ids(processor.image_token)
+    for row, example in enumerate(examples):
+        supervised = labels[row] != IGNORE_INDEX
+        # Labels copy the input where supervised, and padding is never supervised.
+        assert torch.equal(labels[row][supervised], input_ids[row][supervised])
+        assert not supervised[attention[row] == 0].any()
+        # No image token carries loss.
+        assert not (input_ids[row][supervised] == image_token_id).any()
+        # One supervised run per assistant turn, each exactly the turn's content plus its end-of-turn token.
+        answers = [m for m in example["messages"] if m["role"] == "assistant"]
+        runs = supervised_runs(labels[row])
+        assert len(runs) == len(answers), (row, [tokenizer.decode(r) for r in runs])
+        for run, message in zip(runs, answers):
+            content = message["content"] if isinstance(message["content"], str) else message["content"][0]["text"]
+            assert tokenizer.decode(run).strip() == content + END_OF_TURN[kind]
+        # Everything else in the row (system, user, template, image tokens) is masked: the supervised count is
+        # exactly the runs' lengths.
+        assert int(supervised.sum()) == sum(len(r) for r in runs)
+
+
+def check_image_token_counts(processor, examples, batch):
+    """Each row holds as many image tokens as the processor's image grid implies."""
+    image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    counts = (batch["input_ids"] == image_token_id).sum(dim=1).tolist()
+    if "image_grid_thw" in batch:  # Qwen: patches of the grid merged merge_size x merge_size
+        merge = processor.image_processor.merge_size
+        per_image = (batch["image_grid_thw"].prod(dim=1) // merge**2).tolist()
+    elif hasattr(processor, "image_seq_len"):  # Idefics3 without splitting: image_seq_len tokens per image
+        per_image = [processor.image_seq_len] * sum(len(e["images"]) for e in examples)
+    else:  # LLaVA: one token per patch of the fixed-size crop
+        size = processor.image_processor.crop_size["height"]
+        per_image = [(size // processor.patch_size) ** 2] * sum(len(e["images"]) for e in examples)
+    expected, cursor = [], 0
+    for example in examples:
+        expected.append(sum(per_image[cursor : cursor + len(example["images"])]))
+        cursor += len(example["images"])
+    assert counts == expected
+
+
+def tiny_processor(tiny_model_dirs, family):
+    return AutoProcessor.from_pretrained(tiny_model_dirs[family])
+
+
+def real_processor(name):
+    directory = real_processor_dir(name)
+    if not (directory / "tokenizer_config.json").is_file():
+        pytest.skip(f"real processor {name!r} not found at {directory} (set VLM_REAL_PROCESSORS)")
+    return AutoProcessor.from_pretrained(directory, **REAL_PROCESSORS[name][1])
+
+
+class TestLabelsTinyFamilies:
+    @pytest.mark.parametrize("family", sorted(TINY_FAMILIES))
+    def test_assistant_only_mixed_batch(self, family, tiny_model_dirs):
+        processor = tiny_processor(tiny_model_dirs, family)
+        examples = conversations()
+        batch = VisionChatCollator(processor)(examples)
+        check_labels(processor, TINY_KIND[family], examples, batch)
+        check_image_token_counts(processor, examples, batch)
+
+    @pytest.mark.parametrize("family", sorted(TINY_FAMILIES))
+    def test_text_only_batch(self, family, tiny_model_dirs):
+        processor = tiny_processor(tiny_model_dirs, family)
+        examples = [conversations()[2]] * 2
+        batch = VisionChatCollator(processor)(examples)
+        assert "pixel_values" not in batch
+        check_labels(processor, TINY_KIND[family], examples, batch)
+
+
+class TestLabelsRealProcessors:
+    @pytest.mark.parametrize("name", sorted(REAL_PROCESSORS))
+    def test_assistant_only_mixed_batch(self, name):
+        processor = real_processor(name)
+        examples = conversations()
+        batch = VisionChatCollator(processor)(examples)
+        check_labels(processor, REAL_PROCESSORS[name][0], examples, batch)
+        check_image_token_counts(processor, examples, batch)
+        for key in ("input_ids", "attention_mask", "labels", "pixel_values"):
+            assert key in batch
+
+    @pytest.mark.parametrize("name", sorted(REAL_PROCESSORS))
+    def test_each_row_alone_equals_its_row_in_the_batch(self, name):
+        """Batching (padding, mixed image counts) changes nothing of a row's tokens or labels."""
+        processor = real_processor(name)
+        collator = VisionChatCollator(processor)
+        examples = conversations()
+        batch = collator(examples)
+        for row, example in enumerate(examples):
+            alone = collator([example])
+            length = alone["input_ids"].shape[1]
+            assert torch.equal(batch["input_ids"][row, :length], alone["input_ids"][0])
+            assert torch.equal(batch["labels"][row, :length], alone["labels"][0])
+            assert (batch["labels"][row, length:] == IGNORE_INDEX).all()
+
+    @requires_real_processor("smolvlm")
+    def test_smolvlm_with_image_splitting(self):
+        processor = AutoProcessor.from_pretrained(real_processor_dir("smolvlm"))  # tiles + a global view
+        examples = [conversations()[0], conversations()[2]]
+        batch = VisionChatCollator(processor)(examples)
+        check_labels(processor, "smolvlm", examples, batch)
+        image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+        tiles = int(batch["pixel_attention_mask"][0].flatten(1).any(dim=1).sum())
+        assert tiles > 1
+        assert int((batch["input_ids"][0] == image_token_id).sum()) == tiles * processor.image_seq_len
+
+    @requires_real_processor("qwen2-vl")
+    def test_qwen_vision_start_end_are_masked(self):
+        processor = real_processor("qwen2-vl")
+        batch = VisionChatCollator(processor)([conversations()[1]])
+        for token in ("<|vision_start|>", "<|vision_end|>"):
+            token_id = processor.tokenizer.convert_tokens_to_ids(token)
+            positions = batch["input_ids"][0] == token_id
+            assert positions.sum() == 2
+            assert (batch["labels"][0][positions] == IGNORE_INDEX).all()
+
+    @requires_real_processor("llava")
+    def test_llava_gets_an_end_of_sequence_token_to_learn_stopping(self):
+        processor = real_processor("llava")
+        collator = VisionChatCollator(processor)
+        reasons = [reason for *_, reason in collator.explain(conversations()[0])]
+        assert reasons.count(LabelReason.ADDED_EOS) == 1
+        no_eos = VisionChatCollator(processor, add_eos_if_missing=False)([conversations()[0]])
+        assert processor.tokenizer.eos_token_id not in no_eos["input_ids"][0].tolist()
+
+
+def marker_masks(processor, example):
+    """The assistant mask transformers derives from `{% generation %}` markers."""
+    # List content everywhere: the SmolVLM template iterates over `content` and would drop a plain string.
+    messages = [
+        {**m, "content": [{"type": "text", "text": m["content"]}] if isinstance(m["content"], str) else m["content"]}
+        for m in example["messages"]
+    ]
+    encoded = processor.apply_chat_template(
+        messages,
+        tokenize=True,
+        return_dict=True,
+        return_assistant_tokens_mask=True,
+        processor_kwargs={"images": example["images"] or None, "return_tensors": "pt"},
+    )
+    return torch.as_tensor(encoded["input_ids"][0]), torch.as_tensor(encoded["assistant_masks"][0]).bool()
+
+
+class TestAgreesWithGenerationMarkers:
+    """Where a template has generation markers, our marker-free spans equal `return_assistant_tokens_mask`."""
+
+    @pytest.mark.parametrize("family", sorted(TINY_FAMILIES))
+    def test_tiny_training_templates(self, family, tiny_training_template_dirs):
+        processor = AutoProcessor.from_pretrained(tiny_training_template_dirs[family])
+        assert "{% generation %}" in processor.chat_template or "{%- generation -%}" in processor.chat_template
+        collator = VisionChatCollator(processor)
+        for example in conversations():
+            ids, mask = marker_masks(processor, example)
+            batch = collator([example])
+            assert torch.equal(batch["input_ids"][0], ids)
+            assert torch.equal(batch["labels"][0] != IGNORE_INDEX, mask)
+
+    @pytest.mark.parametrize(("name", "template"), [("qwen2-vl", "qwen2_5_vl"), ("smolvlm", "smolvlm")])
+    def test_real_processors_with_trl_training_templates(self, name, template):
+        processor = real_processor(name)
+        original = processor.chat_template
+        processor.chat_template = trl_chat_template(template + "_training")
+        collator = VisionChatCollator(processor)
+        for example in conversations():
+            ids, mask = marker_masks(processor, example)
+            batch = collator([example])
+            assert torch.equal(batch["input_ids"][0], ids)
+            assert torch.equal(batch["labels"][0] != IGNORE_INDEX, mask)
+        # The original template (no markers) gives the same labels as its training variant.
+        processor.chat_template = original
+        for example in conversations():
+            with_markers = collator([example])
+            without = VisionChatCollator(processor)([example])
+            assert torch.equal(with_markers["labels"], without["labels"])
+
+
+class TestTooLong:
+    def lengths(self, collator, examples):
+        return [collator.sample_length(example, i) for i, example in enumerate(examples)]
+
+    def test_error_names_sample_and_length(self, tiny_model_dirs):
+        processor = tiny_processor(tiny_model_dirs, "qwen2_vl")
+        examples = conversations()
+        lengths = self.lengths(VisionChatCollator(processor), examples)
+        collator = VisionChatCollator(processor, max_length=lengths[1] - 1, too_long="error")
+        with pytest.raises(ValueError, match=rf"row 1 is {lengths[1]} tokens long .*max_length={lengths[1] - 1}"):
+            collator(examples)
+
+    def test_drop_leaves_out_and_counts_never_truncates(self, tiny_model_dirs):
+        processor = tiny_processor(tiny_model_dirs, "qwen2_vl")
+        examples = conversations()
+        lengths = self.lengths(VisionChatCollator(processor), examples)
+        limit = sorted(lengths)[1]  # keeps the two shortest rows whole
+        collator = VisionChatCollator(processor, max_length=limit, too_long="drop")
+        batch = collator(examples)
+        kept = [i for i, length in enumerate(lengths) if length <= limit]
+        assert batch["input_ids"].shape[0] == len(kept)
+        assert batch["attention_mask"].sum(dim=1).tolist() == [lengths[i] for i in kept]
+        assert collator.num_dropped == len(examples) - len(kept)
+        reference = VisionChatCollator(processor)([examples[i] for i in kept])
+        assert torch.equal(batch["labels"], reference["labels"])
+
+    def test_drop_of_a_whole_batch_says_to_filter_first(self, tiny_model_dirs):
+        collator = VisionChatCollator(tiny_processor(tiny_model_dirs, "qwen2_vl"), max_length=5, too_long="drop")
+        with pytest.raises(ValueError, match="filter_too_long"):
+            collator(conversations()[:2])
+
+    def test_filter_too_long_on_a_dataset(self, tiny_model_dirs):
+        class ListDataset(list):  # the two methods of `datasets.Dataset` that the filter uses
+            def select(self, indices):
+                return ListDataset(self[i] for i in indices)
+
+        processor = tiny_processor(tiny_model_dirs, "qwen2_vl")
+        examples = [dict(e, id=f"s{i}") for i, e in enumerate(conversations())]
+        lengths = self.lengths(VisionChatCollator(processor), examples)
+        dataset = ListDataset(examples)
+        collator = VisionChatCollator(processor, max_length=max(lengths) - 1, too_long="drop")
+        filtered, dropped = collator.filter_too_long(dataset)
+        assert len(filtered) == len(examples) - len(dropped) and len(dropped) >= 1
+        assert [e["id"] for e in filtered] == [f"s{i}" for i, n in enumerate(lengths) if n <= max(lengths) - 1]
+        assert dropped == [f"row {i} (id 's{i}')" for i, n in enumerate(lengths) if n > max(lengths) - 1]
+
+    def test_bad_policy(self, tiny_model_dirs):
+        with pytest.raises(ValueError, match="too_long"):
+            VisionChatCollator(tiny_processor(tiny_model_dirs, "qwen2_vl"), too_long="truncate")
+
+
+class TestBadRows:
+    @pytest.mark.parametrize(
+        ("example", "message"),
+        [
+            ({"images": [], "messages": [user("hi", 1), assistant("x")]}, r"row 1: 1 image placeholder.* 0 image"),
+            ({"images": [image(32, 32)], "messages": [user("hi"), assistant("x")]}, r"row 1: 0 image placeholder"),
+            ({"images": [], "messages": [user("hi")]}, r"row 1: no assistant turn"),
+            ({"images": [], "messages": []}, r"row 1: `messages` is empty"),
+            ({"images": [], "messages": [assistant("x"), user("hi")]}, r"row 1: .*starts with an assistant"),
+            ({"images": [], "messages": [user("hi"), assistant("  ")]}, r"row 1, message 1: the assistant turn is empty"),
+            ({"images": [], "messages": [{"role": "robot", "content": "x"}]}, r"row 1, message 0: `role`"),
+            ({"id": "abc", "images": [], "messages": [user("hi")]}, r"row 1 \(id 'abc'\): no assistant"),
+        ],
+    )
+    def test_error_names_row_and_problem(self, example, message, tiny_model_dirs):
+        collator = VisionChatCollator(tiny_processor(tiny_model_dirs, "qwen2_vl"))
+        good = conversations()[0]
+        with pytest.raises(ValueError, match=message):
+            collator([good, example])
+
+
+class TestExplain:
+    def test_reasons_cover_every_token(self, tiny_model_dirs):
+        processor = tiny_processor(tiny_model_dirs, "qwen2_vl")
+        collator = VisionChatCollator(processor)
+        example = conversations()[1]
+        explained = collator.explain(example)
+        batch = collator([example])
+        assert [token_id for token_id, *_ in explained] == batch["input_ids"][0].tolist()
+        for (_, _, label, reason), expected in zip(explained, batch["labels"][0].tolist()):
+            assert label == expected
+            assert reason.startswith("supervised") == (label != IGNORE_INDEX)
+        reasons = {reason for *_, reason in explained}
+        assert {LabelReason.SYSTEM, LabelReason.USER, LabelReason.IMAGE, LabelReason.ASSISTANT} <= reasons
+        assert LabelReason.PROMPT_CUE in reasons
