@@ -272,24 +272,33 @@ class VisionChatCollator:
     # Processing: text + images -> tensors and labels
     # ---------------------------------------------------------------------------------------------------------------
     def _process(self, rows: list[_RenderedRow]) -> tuple[dict[str, Any], torch.Tensor, list[list[dict]]]:
+        from transformers import BatchFeature
+
+        texts = [row.text for row in rows]
         has_images = any(row.images for row in rows)
         kwargs = {}
         if self.pad_to_multiple_of is not None:
             kwargs["pad_to_multiple_of"] = self.pad_to_multiple_of
+        # As transformers' own `apply_chat_template`: a template that writes the BOS token must not get a second one.
+        bos = self.tokenizer.bos_token
+        if bos and all(text.startswith(bos) for text in texts):
+            kwargs["add_special_tokens"] = False
+        # Tensors are made after the replacement offsets are taken out: some processors (Idefics3) would try to
+        # turn those lists of dicts into tensors too.
         encoded = self.processor(
-            text=[row.text for row in rows],
+            text=texts,
             images=[row.images for row in rows] if has_images else None,
             padding=True,
             padding_side="right",
-            return_tensors="pt",
+            return_tensors=None,
             return_offsets_mapping=True,
             return_text_replacement_offsets=True,
             **kwargs,
         )
         encoded = dict(encoded)
-        offsets = encoded.pop("offset_mapping")
+        offsets = torch.as_tensor(encoded.pop("offset_mapping"))
         replacements = encoded.pop("text_replacement_offsets", None) or [[] for _ in rows]
-        return encoded, offsets, replacements
+        return dict(BatchFeature(encoded, tensor_type="pt")), offsets, replacements
 
     @staticmethod
     def _to_processed_chars(position: int, replacements: list[dict]) -> int:

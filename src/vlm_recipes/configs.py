@@ -113,7 +113,10 @@ def valid_recipe_keys() -> set[str]:
 
 
 def _unknown_key_error(key: str, where: str) -> RecipeError:
-    suggestions = difflib.get_close_matches(key, sorted(valid_recipe_keys()), n=1, cutoff=0.5)
+    valid = sorted(valid_recipe_keys())
+    # A truncated or extended name (`lora_rank` for `lora_r`) is the likeliest typo; then the closest spelling.
+    prefixed = [name for name in valid if key.startswith(name) or name.startswith(key)]
+    suggestions = sorted(prefixed, key=len, reverse=True)[:1] or difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     hint = f"; did you mean `{suggestions[0]}`?" if suggestions else "; see `python scripts/sft.py --help`."
     return RecipeError(f"Unknown key `{key}` in {where}{hint}")
 

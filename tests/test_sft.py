@@ -1,0 +1,143 @@
+"""`scripts/sft.py` end to end on tiny models, in a subprocess, on CPU."""
+
+import math
+import re
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from vlm_recipes.tasks import get_task
+
+from conftest import REPO_ROOT, run_script
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def shapes_data(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("shapes")
+    get_task("shapes").make_data(directory, num=40, seed=1)
+    return directory
+
+
+def write_recipe(path, model_dir, data_dir, output_dir, **overrides):
+    values = {
+        "model_name_or_path": model_dir,
+        "dtype": "float32",
+        "task": "shapes",
+        "dataset_path": data_dir,
+        "max_length": 256,
+        "output_dir": output_dir,
+        "max_steps": 6,
+        "per_device_train_batch_size": 4,
+        "learning_rate": 5e-3,
+        "logging_steps": 1,
+        "eval_strategy": "no",
+        "save_strategy": "no",
+        "use_cpu": True,
+        "bf16": False,
+        "gradient_checkpointing": False,
+        "report_to": "none",
+        **overrides,
+    }
+    path.write_text(yaml.safe_dump({key: str(v) if hasattr(v, "is_dir") else v for key, v in values.items()}))
+    return path
+
+
+def final_loss(stdout):
+    match = re.search(r"final loss: (\S+)", stdout)
+    assert match, stdout[-2000:]
+    return float(match.group(1))
+
+
+def test_full_finetune_trains_saves_and_reloads(tmp_path, tiny_model_dirs, shapes_data):
+    model_dir = tiny_model_dirs["qwen2_vl"]
+    output = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.yaml", model_dir, shapes_data, output)
+    result = run_script(["scripts/sft.py", str(recipe), "--max_steps", "8"])
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert math.isfinite(final_loss(result.stdout))
+    assert "(steps: 8)" in result.stdout  # the command line overrode the recipe's 6 steps
+
+    before, after = load_file(model_dir / "model.safetensors"), load_file(output / "model.safetensors")
+    changed = [name for name in before if not torch.equal(before[name], after[name])]
+    # Qwen2-VL checkpoints keep the original key layout: `model.layers.*` (language model), `visual.*` (vision).
+    assert any(name.startswith("model.layers.") for name in changed)
+    assert any(name.startswith("visual.") for name in changed)
+
+    for name in ("config.json", "generation_config.json", "chat_template.jinja", "tokenizer.json", "recipe.yaml"):
+        assert (output / name).is_file(), name
+    processor = AutoProcessor.from_pretrained(output)
+    model = AutoModelForImageTextToText.from_pretrained(output)
+    assert processor.chat_template == AutoProcessor.from_pretrained(model_dir).chat_template
+    assert model.generation_config.eos_token_id == processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert "task: shapes" in (output / "recipe.yaml").read_text()
+
+
+def test_lora_trains_language_model_only(tmp_path, tiny_model_dirs, shapes_data):
+    model_dir = tiny_model_dirs["smolvlm"]
+    output = tmp_path / "lora"
+    recipe = write_recipe(tmp_path / "r.yaml", model_dir, shapes_data, output, use_peft=True, lora_r=4, lora_alpha=8)
+    result = run_script(["scripts/sft.py", "--config", str(recipe), "--verify_saved_model", "true"])
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "reloaded:" in result.stdout
+    adapter = load_file(output / "adapter_model.safetensors")
+    lora_b = {name: tensor for name, tensor in adapter.items() if "lora_B" in name}
+    assert lora_b and all("text_model" in name for name in adapter)
+    assert any(tensor.abs().sum() > 0 for tensor in lora_b.values())  # B starts at zero: it trained
+    AutoProcessor.from_pretrained(output)
+
+
+def test_too_long_drop_is_counted_and_reported(tmp_path, tiny_model_dirs, shapes_data):
+    from vlm_recipes.collator import VisionChatCollator
+    from vlm_recipes.configs import VLMScriptArguments
+    from vlm_recipes.training import load_splits
+
+    processor = AutoProcessor.from_pretrained(tiny_model_dirs["qwen2_vl"])
+    (train,), _ = load_splits(VLMScriptArguments(task="shapes", dataset_path=str(shapes_data)), ["train"])
+    collator = VisionChatCollator(processor)
+    lengths = sorted(collator.sample_length(train[i], i) for i in range(len(train)))
+    limit = lengths[len(lengths) // 2]
+    expected_dropped = sum(length > limit for length in lengths)
+    assert 0 < expected_dropped < len(lengths)
+
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dirs["qwen2_vl"], shapes_data, tmp_path / "o", max_steps=2)
+    result = run_script(["scripts/sft.py", str(recipe), "--max_length", str(limit), "--too_long", "drop"])
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert f"too-long samples dropped: {expected_dropped} (max_length={limit})" in result.stdout
+
+    result = run_script(["scripts/sft.py", str(recipe), "--max_length", str(limit), "--too_long", "error"])
+    assert result.returncode != 0
+    assert f"over max_length={limit}" in result.stderr
+
+
+def test_inspect_batch_script(tmp_path, tiny_model_dirs, shapes_data):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dirs["qwen2_vl"], shapes_data, tmp_path / "o")
+    result = run_script(["scripts/inspect_batch.py", str(recipe), "--index", "0"])
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "supervised: assistant turn" in result.stdout and "masked: image token" in result.stdout
+    assert "masked: user turn" in result.stdout
+    supervised = [line for line in result.stdout.splitlines() if line.endswith("supervised: assistant turn")]
+    assert "'<|im_end|>'" in supervised[-2]  # the end-of-turn token is learned (then the template's newline)
+
+
+def readme_commands(section):
+    """The commands in README.md's fenced block under a heading containing `section`."""
+    text = (REPO_ROOT / "README.md").read_text()
+    block = re.search(rf"#+ [^\n]*{section}[^\n]*\n.*?```(?:bash)?\n(.*?)```", text, re.S)
+    assert block, f"no command block under a '{section}' heading in README.md"
+    return [line for line in block.group(1).splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_readme_demo_command_runs(tmp_path):
+    (command,) = readme_commands("Demo")
+    assert command.startswith("python scripts/sft.py recipes/demo/")
+    args = command.split()[1:] + ["--output_dir", str(tmp_path / "demo")]
+    result = run_script(args, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert math.isfinite(final_loss(result.stdout))
+    assert "reloaded: " in result.stdout
+    AutoModelForImageTextToText.from_pretrained(tmp_path / "demo")
