@@ -83,6 +83,9 @@ def main(script_args, training_args, model_args):
     trainer.save_model(training_args.output_dir)
     if trainer.accelerator.is_main_process:
         processor.save_pretrained(training_args.output_dir)
+        # transformers 5 folds the image-processor settings into processor_config.json; tools that read
+        # preprocessor_config.json (older transformers, vLLM, TGI) still find it.
+        processor.image_processor.save_pretrained(training_args.output_dir)
         trainer.model.generation_config.save_pretrained(training_args.output_dir)
         save_resolved_recipe(resolved_recipe(script_args, training_args, model_args), training_args.output_dir)
 

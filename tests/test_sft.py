@@ -68,7 +68,8 @@ def test_full_finetune_trains_saves_and_reloads(tmp_path, tiny_model_dirs, shape
     assert any(name.startswith("model.layers.") for name in changed)
     assert any(name.startswith("visual.") for name in changed)
 
-    for name in ("config.json", "generation_config.json", "chat_template.jinja", "tokenizer.json", "recipe.yaml"):
+    files = ("config.json", "generation_config.json", "chat_template.jinja", "tokenizer.json", "recipe.yaml")
+    for name in files + ("tokenizer_config.json", "preprocessor_config.json", "processor_config.json"):
         assert (output / name).is_file(), name
     processor = AutoProcessor.from_pretrained(output)
     model = AutoModelForImageTextToText.from_pretrained(output)
