@@ -69,6 +69,12 @@ class TestParseRecipe:
         with pytest.raises(RecipeError, match=r"broken.yaml:\d+:\d+: YAML syntax error"):
             read_recipe_file(path)
 
+    def test_bare_no_strategy_asks_for_quotes(self, tmp_path):
+        path = tmp_path / "r.yaml"
+        path.write_text("eval_strategy: no\n")
+        with pytest.raises(RecipeError, match=r'quote it: eval_strategy: "no"'):
+            read_recipe_file(path)
+
     def test_bad_policy_value(self, recipe):
         with pytest.raises((RecipeError, SystemExit)):
             parse_recipe([str(recipe), "--too_long", "truncate"])

@@ -138,9 +138,12 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(recipe, dict):
         raise RecipeError(f"Recipe file {path} must hold a mapping of keys to values, not {type(recipe).__name__}.")
     valid = valid_recipe_keys()
-    for key in recipe:
+    for key, value in recipe.items():
         if key not in valid:
             raise _unknown_key_error(str(key), f"recipe {path}")
+        # YAML 1.1 reads a bare `no` as False, which the Trainer then rejects as a strategy.
+        if str(key).endswith("_strategy") and isinstance(value, bool):
+            raise RecipeError(f'{path}: `{key}: {"yes" if value else "no"}` reads as a YAML boolean; quote it: {key}: "no".')
     return recipe
 
 

@@ -258,29 +258,23 @@ def _make_smolvlm_image_processor():
     return {"image_processor": image_processor}
 
 
-TINY_FAMILIES: dict[str, TinyFamily] = {
-    "qwen2_vl": TinyFamily(
-        name="qwen2_vl",
-        model_type="qwen2_vl",
+def _qwen_family(name: str, make_config, processor_class: str) -> TinyFamily:
+    return TinyFamily(
+        name=name,
+        model_type=name,
         chat_template="qwen2_5_vl",  # Qwen2-VL ships a byte-identical template
         special_tokens=_QWEN_SPECIAL_TOKENS,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        make_config=_make_qwen2_vl_config,
+        make_config=make_config,
         make_vision_processors=_make_qwen_image_processor,
-        processor_class="Qwen2VLProcessor",
-    ),
-    "qwen2_5_vl": TinyFamily(
-        name="qwen2_5_vl",
-        model_type="qwen2_5_vl",
-        chat_template="qwen2_5_vl",
-        special_tokens=_QWEN_SPECIAL_TOKENS,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        make_config=_make_qwen2_5_vl_config,
-        make_vision_processors=_make_qwen_image_processor,
-        processor_class="Qwen2_5_VLProcessor",
-    ),
+        processor_class=processor_class,
+    )
+
+
+TINY_FAMILIES: dict[str, TinyFamily] = {
+    "qwen2_vl": _qwen_family("qwen2_vl", _make_qwen2_vl_config, "Qwen2VLProcessor"),
+    "qwen2_5_vl": _qwen_family("qwen2_5_vl", _make_qwen2_5_vl_config, "Qwen2_5_VLProcessor"),
     "smolvlm": TinyFamily(
         name="smolvlm",
         model_type="idefics3",
