@@ -114,7 +114,6 @@ def verify_saved_model(output_dir, is_adapter):
 
     AutoProcessor.from_pretrained(output_dir)
     if is_adapter:
-        from peft import AutoPeftModelForCausalLM  # noqa: F401  (adapter dirs reload through PEFT)
         from peft import PeftConfig
 
         base = PeftConfig.from_pretrained(output_dir).base_model_name_or_path
