@@ -1,4 +1,12 @@
-"""The task interface and registry."""
+"""The task interface and registry.
+
+A task owns one native data format and everything that depends on its meaning:
+- `load_rows`: native files -> rows `{"id", "images": [paths], "messages": [...], ...}`, where `messages` ends with
+  the assistant answer to learn (bad rows go through the `BadRowReport`: error or skip, counted);
+- `make_data`: a deterministic demo-data generator writing the native format;
+- `prompt_messages` / `target`: the conversation up to the answer, and the answer, for evaluation by generation;
+- `score` (per example) and `aggregate` (per split): the task's metrics, as pure functions of text.
+"""
 
 from __future__ import annotations
 
@@ -12,14 +20,18 @@ __all__ = ["TASKS", "Task", "get_task", "register_task"]
 TASKS: dict[str, type[Task]] = {}
 
 
-class Task:
-    """One task: reads its native data format into `{"id", "images": [paths], "messages"}` rows.
+def _content_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    return "".join(item.get("text", "") for item in content if item.get("type") == "text")
 
-    Subclasses set `name` and implement `load_rows`; tasks with demo data implement `make_data`.
-    """
+
+class Task:
+    """One task. Subclasses set `name` and implement `load_rows` and `split_exists`; the rest has defaults."""
 
     name: str = ""
 
+    # Data ------------------------------------------------------------------------------------------------------
     def load_rows(self, data_dir: Path, split: str, image_base_dir: Path, report: BadRowReport) -> list[dict[str, Any]]:
         raise NotImplementedError
 
@@ -28,6 +40,29 @@ class Task:
 
     def make_data(self, output_dir: Path, num: int, seed: int) -> None:
         raise NotImplementedError(f"Task {self.name!r} has no demo-data generator.")
+
+    # Evaluation ------------------------------------------------------------------------------------------------
+    def prompt_messages(self, row: dict[str, Any]) -> list[dict[str, Any]]:
+        """The conversation up to (not including) the final assistant answer."""
+        return row["messages"][:-1]
+
+    def target(self, row: dict[str, Any]) -> str:
+        """The final assistant answer, as text."""
+        return _content_text(row["messages"][-1]["content"])
+
+    def score(self, prediction: str, target: str, row: dict[str, Any]) -> dict[str, float]:
+        """Per-example scores; the default is exact match after stripping whitespace."""
+        return {"exact_match": float(prediction.strip() == target.strip())}
+
+    def aggregate(self, scores: list[dict[str, float]], rows: list[dict[str, Any]]) -> dict[str, float]:
+        """Split-level metrics; the default is the mean of each per-example score present."""
+        keys = sorted({key for score in scores for key in score})
+        metrics = {}
+        for key in keys:
+            values = [score[key] for score in scores if key in score and score[key] is not None]
+            metrics[key] = sum(values) / len(values) if values else float("nan")
+        metrics["num_examples"] = float(len(scores))
+        return metrics
 
 
 def register_task(cls: type[Task]) -> type[Task]:
