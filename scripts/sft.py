@@ -18,7 +18,9 @@ from trl import SFTTrainer
 
 from vlm_recipes.collator import VisionChatCollator
 from vlm_recipes.configs import RecipeError, parse_recipe, resolved_recipe
+from vlm_recipes.evaluation import evaluate_task, format_metrics_table
 from vlm_recipes.models import load_model, load_processor, peft_config_for
+from vlm_recipes.tasks import get_task
 from vlm_recipes.training import ensure_demo_inputs, load_splits, save_resolved_recipe
 
 logger = logging.getLogger("sft")
@@ -106,6 +108,27 @@ def main(script_args, training_args, model_args):
         print(f"saved to: {training_args.output_dir}")
         if script_args.verify_saved_model:
             verify_saved_model(training_args.output_dir, bool(peft_config))
+
+    ################
+    # Evaluate by generation on the held-out split
+    ################
+    if script_args.eval_after_train and trainer.accelerator.is_main_process:
+        (test_dataset,), _ = load_splits(
+            script_args, [script_args.generation_split], limits=[script_args.generation_max_samples]
+        )
+        metrics = evaluate_task(
+            trainer.accelerator.unwrap_model(trainer.model),
+            processor,
+            get_task(script_args.task),
+            test_dataset,
+            training_args.output_dir,
+            batch_size=training_args.per_device_eval_batch_size,
+            max_new_tokens=script_args.max_new_tokens,
+            temperature=script_args.temperature,
+            do_sample=script_args.do_sample,
+        )
+        print(f"evaluation on {script_args.generation_split!r} by generation:")
+        print(format_metrics_table(metrics))
 
 
 def verify_saved_model(output_dir, is_adapter):

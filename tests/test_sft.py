@@ -1,5 +1,6 @@
 """`scripts/sft.py` end to end on tiny models, in a subprocess, on CPU."""
 
+import json
 import math
 import re
 
@@ -90,6 +91,19 @@ def test_lora_trains_language_model_only(tmp_path, tiny_model_dirs, shapes_data)
     assert lora_b and all("text_model" in name for name in adapter)
     assert any(tensor.abs().sum() > 0 for tensor in lora_b.values())  # B starts at zero: it trained
     AutoProcessor.from_pretrained(output)
+
+    # evaluate.py on the adapter directory: the base model is read from adapter_config.json.
+    evaluation = tmp_path / "eval"
+    result = run_script(
+        ["scripts/evaluate.py", "--model_path", str(output), "--recipe", str(recipe), "--split", "test",
+         "--max_samples", "3", "--batch_size", "2", "--output_dir", str(evaluation)]
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    lines = (evaluation / "predictions.csv").read_text().splitlines()
+    assert lines[0] == "id,target,prediction,exact_match" and len(lines) == 4
+    metrics = json.loads((evaluation / "metrics.json").read_text())
+    assert metrics["task"] == "shapes" and metrics["metrics"]["num_examples"] == 3
+    assert "exact_match" in result.stdout
 
 
 def test_too_long_drop_is_counted_and_reported(tmp_path, tiny_model_dirs, shapes_data):

@@ -28,7 +28,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["IGNORE_INDEX", "LabelReason", "VisionChatCollator"]
+__all__ = ["IGNORE_INDEX", "LabelReason", "VisionChatCollator", "normalize_messages", "special_tokens_kwargs"]
 
 IGNORE_INDEX = -100
 TOO_LONG_POLICIES = ("error", "drop")
@@ -88,6 +88,20 @@ def _normalize_content(content: Any, where: str) -> list[dict[str, Any]]:
         else:
             items.append({"type": "image"})
     return items
+
+
+def normalize_messages(messages: list[dict[str, Any]], where: str = "messages") -> list[dict[str, Any]]:
+    """Messages with every `content` as a list of typed items (what every family's template can render)."""
+    return [
+        {"role": message["role"], "content": _normalize_content(message["content"], f"{where}, message {turn}")}
+        for turn, message in enumerate(messages)
+    ]
+
+
+def special_tokens_kwargs(tokenizer, texts: list[str]) -> dict[str, bool]:
+    """As transformers' own `apply_chat_template`: a template that writes the BOS token must not get a second one."""
+    bos = tokenizer.bos_token
+    return {"add_special_tokens": False} if bos and all(text.startswith(bos) for text in texts) else {}
 
 
 class VisionChatCollator:
@@ -279,10 +293,7 @@ class VisionChatCollator:
         kwargs = {}
         if self.pad_to_multiple_of is not None:
             kwargs["pad_to_multiple_of"] = self.pad_to_multiple_of
-        # As transformers' own `apply_chat_template`: a template that writes the BOS token must not get a second one.
-        bos = self.tokenizer.bos_token
-        if bos and all(text.startswith(bos) for text in texts):
-            kwargs["add_special_tokens"] = False
+        kwargs.update(special_tokens_kwargs(self.tokenizer, texts))
         # Tensors are made after the replacement offsets are taken out: some processors (Idefics3) would try to
         # turn those lists of dicts into tensors too.
         encoded = self.processor(

@@ -58,6 +58,19 @@ class VLMScriptArguments(ScriptArguments):
             If `dataset_path` does not exist, generate the task's demo data there first.
         demo_data_size (`int`, defaults to `64`):
             Number of samples of generated demo data.
+        eval_after_train (`bool`, defaults to `False`):
+            After training, answer the held-out split by generation and write the task metrics to
+            `<output_dir>/metrics.json` (and `predictions.csv`).
+        generation_split (`str`, defaults to `"test"`):
+            Split evaluated by generation.
+        generation_max_samples (`int`, *optional*):
+            Evaluate at most this many samples by generation.
+        max_new_tokens (`int`, defaults to `128`):
+            Generation length limit at evaluation.
+        do_sample (`bool`, defaults to `False`):
+            Sample at evaluation instead of greedy decoding.
+        temperature (`float`, defaults to `1.0`):
+            Sampling temperature (with `do_sample`).
         verify_saved_model (`bool`, defaults to `False`):
             After saving, reload the output directory with `AutoProcessor` and `AutoModelForImageTextToText`.
     """
@@ -90,6 +103,16 @@ class VLMScriptArguments(ScriptArguments):
         default=False, metadata={"help": "Generate the task's demo data at `dataset_path` if it is missing."}
     )
     demo_data_size: int = field(default=64, metadata={"help": "Number of generated demo samples."})
+    eval_after_train: bool = field(
+        default=False, metadata={"help": "Evaluate by generation on `generation_split` after training."}
+    )
+    generation_split: str = field(default="test", metadata={"help": "Split evaluated by generation."})
+    generation_max_samples: int | None = field(
+        default=None, metadata={"help": "Evaluate at most this many samples by generation."}
+    )
+    max_new_tokens: int = field(default=128, metadata={"help": "Generation length limit at evaluation."})
+    do_sample: bool = field(default=False, metadata={"help": "Sample at evaluation instead of greedy decoding."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (with `do_sample`)."})
     verify_saved_model: bool = field(
         default=False, metadata={"help": "Reload the saved output directory after training, as a check."}
     )

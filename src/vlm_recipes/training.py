@@ -54,8 +54,12 @@ def _build_atomically(target: Path, build) -> None:
         raise
 
 
-def load_splits(script_args: VLMScriptArguments, splits: list[str | None]):
-    """Load the task's splits as datasets (None where a split is not asked for), with the bad-row report."""
+def load_splits(script_args: VLMScriptArguments, splits: list[str | None], limits: list[int | None] | None = None):
+    """Load the task's splits as datasets (None where a split is not asked for), with the bad-row report.
+
+    `limits` caps each split's size; by default the first split is capped by `max_train_samples` and the second by
+    `max_eval_samples`.
+    """
     if script_args.dataset_path is None:
         raise ValueError("Set `dataset_path` in the recipe: the local directory of the task's data.")
     data_dir = Path(script_args.dataset_path)
@@ -67,7 +71,8 @@ def load_splits(script_args: VLMScriptArguments, splits: list[str | None]):
     image_base_dir = Path(script_args.image_base_dir) if script_args.image_base_dir else data_dir
     task = get_task(script_args.task)
     report = BadRowReport(policy=script_args.on_bad_row)
-    limits = {0: script_args.max_train_samples, 1: script_args.max_eval_samples}
+    if limits is None:
+        limits = [script_args.max_train_samples, script_args.max_eval_samples]
     datasets = []
     for position, split in enumerate(splits):
         if split is None:
@@ -76,7 +81,7 @@ def load_splits(script_args: VLMScriptArguments, splits: list[str | None]):
         if not task.split_exists(data_dir, split):
             raise FileNotFoundError(f"Split {split!r} of task {task.name!r} not found in {data_dir}.")
         rows = task.load_rows(data_dir, split, image_base_dir, report)
-        limit = limits.get(position)
+        limit = limits[position] if position < len(limits) else None
         if limit is not None:
             rows = rows[:limit]
         datasets.append(build_dataset(rows))

@@ -65,6 +65,10 @@ class Task:
         return metrics
 
 
+    def save_artifacts(self, output_dir: Path, scores: list[dict[str, float]], rows: list[dict[str, Any]]) -> None:
+        """Write task-specific evaluation files (plots...) into `output_dir`; nothing by default."""
+
+
 def register_task(cls: type[Task]) -> type[Task]:
     if not cls.name:
         raise ValueError(f"{cls.__name__} must set a `name`.")

@@ -1,0 +1,55 @@
+"""Evaluate a trained model (full or LoRA adapter) on a task's held-out split by generation.
+
+Usage:
+    python scripts/evaluate.py --model_path DIR --recipe RECIPE.yaml [--split test] [--max_samples N]
+        [--batch_size B] [--base_model NAME_OR_DIR] --output_dir OUT
+
+Writes `predictions.csv` (id, target, prediction, per-example scores) and `metrics.json` into OUT and prints a table.
+Generation settings (`max_new_tokens`, `temperature`, `do_sample`) and the data come from the recipe.
+"""
+
+import argparse
+import sys
+
+from vlm_recipes.configs import RecipeError, parse_recipe
+from vlm_recipes.evaluation import evaluate_task, format_metrics_table, load_for_generation
+from vlm_recipes.tasks import get_task
+from vlm_recipes.training import load_splits
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_path", required=True, help="Model or LoRA adapter directory.")
+    parser.add_argument("--recipe", required=True, help="The recipe the model was trained with (task, data, generation).")
+    parser.add_argument("--split", default=None, help="Split to evaluate; defaults to the recipe's generation_split.")
+    parser.add_argument("--max_samples", type=int, default=None)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--base_model", default=None, help="Base model of an adapter (default: adapter_config.json).")
+    parser.add_argument("--output_dir", required=True)
+    args = parser.parse_args()
+
+    script_args, training_args, _ = parse_recipe([args.recipe])
+    split = args.split or script_args.generation_split
+    (dataset,), _ = load_splits(script_args, [split], limits=[args.max_samples])
+    model, processor = load_for_generation(args.model_path, args.base_model, training_args.trust_remote_code)
+    metrics = evaluate_task(
+        model,
+        processor,
+        get_task(script_args.task),
+        dataset,
+        args.output_dir,
+        batch_size=args.batch_size,
+        max_new_tokens=script_args.max_new_tokens,
+        temperature=script_args.temperature,
+        do_sample=script_args.do_sample,
+    )
+    print(f"{script_args.task} on {split!r} ({len(dataset)} samples), model {args.model_path}:")
+    print(format_metrics_table(metrics))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (RecipeError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,147 @@
+"""Evaluation by generation: a trained model (full or LoRA adapter) answers a task's held-out prompts, and the task
+scores the answers. Used by `scripts/evaluate.py` and by `scripts/sft.py` with `eval_after_train: true`."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .collator import normalize_messages, special_tokens_kwargs
+from .tasks.base import Task
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "evaluate_task",
+    "format_metrics_table",
+    "generate_answers",
+    "load_for_generation",
+    "write_json_atomically",
+]
+
+
+def load_for_generation(model_path: str | Path, base_model: str | None = None, trust_remote_code: bool = False):
+    """Load `(model, processor)` from a full model directory, or a LoRA adapter directory on its base model.
+
+    The base model of an adapter is read from its `adapter_config.json` unless `base_model` is given. The processor
+    comes from the directory itself when it holds processor files (our outputs always do), else from the base.
+    """
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model_path = Path(model_path)
+    if not model_path.exists():
+        raise FileNotFoundError(f"Model path {model_path} not found.")
+    adapter = (model_path / "adapter_config.json").is_file()
+    if adapter:
+        from peft import PeftConfig, PeftModel
+
+        base = base_model or PeftConfig.from_pretrained(model_path).base_model_name_or_path
+        model = AutoModelForImageTextToText.from_pretrained(base, trust_remote_code=trust_remote_code)
+        model = PeftModel.from_pretrained(model, model_path)
+        has_processor = any((model_path / name).is_file() for name in ("processor_config.json", "tokenizer_config.json"))
+        processor = AutoProcessor.from_pretrained(model_path if has_processor else base, trust_remote_code=trust_remote_code)
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    model.eval()
+    return model, processor
+
+
+@torch.no_grad()
+def generate_answers(
+    model,
+    processor,
+    task: Task,
+    rows: list[dict[str, Any]],
+    batch_size: int = 8,
+    max_new_tokens: int = 128,
+    temperature: float = 1.0,
+    do_sample: bool = False,
+) -> list[str]:
+    """Batched generation with left padding (so every prompt ends where its answer starts); greedy by default."""
+    from tqdm.auto import tqdm
+
+    answers = []
+    device = next(model.parameters()).device
+    for start in tqdm(range(0, len(rows), batch_size), desc="Generating", leave=False):
+        batch_rows = rows[start : start + batch_size]
+        texts = [
+            processor.apply_chat_template(normalize_messages(task.prompt_messages(row)), add_generation_prompt=True)
+            for row in batch_rows
+        ]
+        images = [list(row.get("images") or []) for row in batch_rows]
+        inputs = processor(
+            text=texts,
+            images=images if any(images) else None,
+            padding=True,
+            padding_side="left",
+            return_tensors="pt",
+            **special_tokens_kwargs(processor.tokenizer, texts),
+        ).to(device)
+        sampling = {"do_sample": True, "temperature": temperature} if do_sample else {"do_sample": False}
+        output = model.generate(
+            **inputs, max_new_tokens=max_new_tokens, pad_token_id=processor.tokenizer.pad_token_id, **sampling
+        )
+        new_tokens = output[:, inputs["input_ids"].shape[1] :]
+        answers.extend(processor.batch_decode(new_tokens, skip_special_tokens=True))
+    return answers
+
+
+def write_json_atomically(data: Any, path: Path) -> None:
+    """Write then rename, so that a crash never leaves a half-written file that looks complete."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(data, indent=2, sort_keys=True, default=float) + "\n", encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def evaluate_task(
+    model,
+    processor,
+    task: Task,
+    dataset,
+    output_dir: str | Path,
+    batch_size: int = 8,
+    max_new_tokens: int = 128,
+    temperature: float = 1.0,
+    do_sample: bool = False,
+    max_samples: int | None = None,
+) -> dict[str, float]:
+    """Generate, score and write `predictions.csv` and `metrics.json` into `output_dir`; returns the metrics."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    count = len(dataset) if max_samples is None else min(max_samples, len(dataset))
+    rows = [dataset[index] for index in range(count)]
+    predictions = generate_answers(model, processor, task, rows, batch_size, max_new_tokens, temperature, do_sample)
+    targets = [task.target(row) for row in rows]
+    scores = [task.score(prediction, target, row) for prediction, target, row in zip(predictions, targets, rows)]
+    metrics = task.aggregate(scores, rows)
+    task.save_artifacts(output_dir, scores, rows)
+
+    score_keys = sorted({key for score in scores for key in score})
+    temporary = output_dir / ".predictions.csv.tmp"
+    with temporary.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "target", "prediction", *score_keys])
+        for row, target, prediction, score in zip(rows, targets, predictions, scores):
+            writer.writerow([row.get("id"), target, prediction, *(score.get(key, "") for key in score_keys)])
+    os.replace(temporary, output_dir / "predictions.csv")
+    write_json_atomically({"task": task.name, "metrics": metrics}, output_dir / "metrics.json")
+    return metrics
+
+
+def format_metrics_table(metrics: dict[str, Any]) -> str:
+    """The scalar metrics as a two-column table (nested values such as a confusion matrix stay in metrics.json)."""
+    scalars = {key: value for key, value in metrics.items() if isinstance(value, (int, float))}
+    width = max((len(key) for key in scalars), default=6)
+    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  -------"]
+    for key, value in scalars.items():
+        shown = f"{value:.4f}" if isinstance(value, float) and not math.isnan(value) else str(value)
+        lines.append(f"{key:<{width}}  {shown}")
+    return "\n".join(lines)
