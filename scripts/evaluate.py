@@ -13,7 +13,7 @@ import sys
 
 from vlm_recipes.configs import RecipeError, parse_recipe
 from vlm_recipes.evaluation import evaluate_task, format_metrics_table, load_for_generation
-from vlm_recipes.tasks import get_task
+from vlm_recipes.tasks import task_from_args
 from vlm_recipes.training import load_splits
 
 
@@ -35,7 +35,7 @@ def main():
     metrics = evaluate_task(
         model,
         processor,
-        get_task(script_args.task),
+        task_from_args(script_args),
         dataset,
         args.output_dir,
         batch_size=args.batch_size,

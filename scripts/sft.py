@@ -20,7 +20,7 @@ from vlm_recipes.collator import VisionChatCollator
 from vlm_recipes.configs import RecipeError, parse_recipe, resolved_recipe
 from vlm_recipes.evaluation import evaluate_task, format_metrics_table
 from vlm_recipes.models import load_model, load_processor, peft_config_for
-from vlm_recipes.tasks import get_task
+from vlm_recipes.tasks import task_from_args
 from vlm_recipes.training import ensure_demo_inputs, load_splits, save_resolved_recipe
 
 logger = logging.getLogger("sft")
@@ -119,7 +119,7 @@ def main(script_args, training_args, model_args):
         metrics = evaluate_task(
             trainer.accelerator.unwrap_model(trainer.model),
             processor,
-            get_task(script_args.task),
+            task_from_args(script_args),
             test_dataset,
             training_args.output_dir,
             batch_size=training_args.per_device_eval_batch_size,

@@ -131,8 +131,20 @@ RECIPE_DATACLASSES = (VLMScriptArguments, SFTConfig, ModelConfig)
 EXTRA_RECIPE_KEYS = ("env",)
 
 
+def _task_option_classes() -> dict[str, type]:
+    """Each registered task's options dataclass (`Task.options`): its fields are recipe keys of that task only."""
+    from .tasks import TASKS
+
+    return {name: task.options for name, task in sorted(TASKS.items()) if task.options is not None}
+
+
+def _recipe_dataclasses() -> tuple[type, ...]:
+    return RECIPE_DATACLASSES + tuple(dict.fromkeys(_task_option_classes().values()))
+
+
 def valid_recipe_keys() -> set[str]:
-    return {f.name for cls in RECIPE_DATACLASSES for f in dataclasses.fields(cls) if f.init} | set(EXTRA_RECIPE_KEYS)
+    fields = {f.name for cls in _recipe_dataclasses() for f in dataclasses.fields(cls) if f.init}
+    return fields | set(EXTRA_RECIPE_KEYS)
 
 
 def _unknown_key_error(key: str, where: str) -> RecipeError:
@@ -194,23 +206,43 @@ def _check_command_line_keys(args: list[str]) -> None:
                 raise _unknown_key_error(key, "the command line")
 
 
+def _keys_set(recipe_path: str | None, args: list[str]) -> set[str]:
+    keys = set(read_recipe_file(recipe_path)) if recipe_path is not None else set()
+    return keys | {arg[2:].split("=", 1)[0] for arg in args if arg.startswith("--")}
+
+
 def parse_recipe(args: list[str] | None = None) -> tuple[VLMScriptArguments, SFTConfig, ModelConfig]:
-    """Parse `[RECIPE.yaml | --config RECIPE.yaml] [--key value ...]` into our three dataclasses."""
+    """Parse `[RECIPE.yaml | --config RECIPE.yaml] [--key value ...]` into our three dataclasses.
+
+    The options of the recipe's task (fields of its `Task.options` dataclass) land in `script_args.task_options`;
+    setting another task's option is an error.
+    """
     import sys
 
     args = list(sys.argv[1:] if args is None else args)
     recipe_path, args = _split_recipe_path(args)
+    keys_set = _keys_set(recipe_path, args)  # validates the recipe file before TrlParser reads it
     if recipe_path is not None:
-        read_recipe_file(recipe_path)  # validates before TrlParser reads it
         args = ["--config", recipe_path, *args]
     _check_command_line_keys([a for a in args if a != "--config"])
-    parser = TrlParser(RECIPE_DATACLASSES)
+    option_classes = _task_option_classes()
+    dataclass_types = _recipe_dataclasses()
+    parser = TrlParser(dataclass_types)
     try:
-        script_args, training_args, model_args = parser.parse_args_and_config(args)
+        parsed = parser.parse_args_and_config(args)
     except RecipeError:
         raise
     except ValueError as error:  # dataclass validation from TRL/transformers
         raise RecipeError(str(error).splitlines()[0]) from None
+    script_args, training_args, model_args = parsed[:3]
+    by_class = dict(zip(dataclass_types, parsed))
+    own_class = option_classes.get(script_args.task)
+    for task_name, option_class in option_classes.items():
+        if option_class is own_class:
+            continue
+        for option in sorted({f.name for f in dataclasses.fields(option_class)} & keys_set):
+            raise RecipeError(f"`{option}` is an option of task `{task_name}`, not of task `{script_args.task}`.")
+    script_args.task_options = dataclasses.asdict(by_class[own_class]) if own_class is not None else {}
     return script_args, training_args, model_args
 
 
@@ -246,5 +278,6 @@ def resolved_recipe(
             value = _plain(values[dataclass_field.name])
             if value != _plain(_field_default(dataclass_field)):
                 resolved[dataclass_field.name] = value
+    resolved.update(_plain(getattr(script_args, "task_options", {})))
     # Placeholders that `to_dict` puts in place of secrets are not recipe values.
     return {key: value for key, value in resolved.items() if not (isinstance(value, str) and value.startswith("<"))}

@@ -118,7 +118,15 @@ def evaluate_task(
     output_dir.mkdir(parents=True, exist_ok=True)
     count = len(dataset) if max_samples is None else min(max_samples, len(dataset))
     rows = [dataset[index] for index in range(count)]
-    predictions = generate_answers(model, processor, task, rows, batch_size, max_new_tokens, temperature, do_sample)
+    predictions = task.predict(
+        model,
+        processor,
+        rows,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        do_sample=do_sample,
+    )
     targets = [task.target(row) for row in rows]
     scores = [task.score(prediction, target, row) for prediction, target, row in zip(predictions, targets, rows)]
     metrics = task.aggregate(scores, rows)

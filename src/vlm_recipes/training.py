@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .configs import VLMScriptArguments
 from .data import BadRowReport, build_dataset
-from .tasks import get_task
+from .tasks import task_from_args
 from .tiny import build_tiny_model
 
 logger = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ def ensure_demo_inputs(script_args: VLMScriptArguments, model_name_or_path: str 
         if script_args.generate_data_if_missing and script_args.dataset_path:
             data_dir = Path(script_args.dataset_path)
             if not data_dir.exists():
-                task = get_task(script_args.task)
+                task = task_from_args(script_args)
                 logger.info("Generating %d %s demo samples at %s", script_args.demo_data_size, task.name, data_dir)
                 _build_atomically(data_dir, lambda tmp: task.make_data(tmp, script_args.demo_data_size, seed=0))
 
@@ -69,7 +69,7 @@ def load_splits(script_args: VLMScriptArguments, splits: list[str | None], limit
             f"--output {data_dir}`) or set `generate_data_if_missing: true` for demo data."
         )
     image_base_dir = Path(script_args.image_base_dir) if script_args.image_base_dir else data_dir
-    task = get_task(script_args.task)
+    task = task_from_args(script_args)
     report = BadRowReport(policy=script_args.on_bad_row)
     if limits is None:
         limits = [script_args.max_train_samples, script_args.max_eval_samples]

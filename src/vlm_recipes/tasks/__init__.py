@@ -4,7 +4,7 @@ A new task is one module here that subclasses `Task` and decorates it with `@reg
 `scripts/sft.py` or the collator changes.
 """
 
-from .base import TASKS, Task, get_task, register_task
+from .base import TASKS, Task, get_task, register_task, task_from_args
 from . import element, messages, shapes  # noqa: E402,F401  (registers the tasks)
 
-__all__ = ["TASKS", "Task", "get_task", "register_task"]
+__all__ = ["TASKS", "Task", "get_task", "register_task", "task_from_args"]

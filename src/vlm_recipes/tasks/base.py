@@ -15,7 +15,7 @@ from typing import Any
 
 from ..data import BadRowReport
 
-__all__ = ["TASKS", "Task", "get_task", "register_task"]
+__all__ = ["TASKS", "Task", "get_task", "register_task", "task_from_args"]
 
 TASKS: dict[str, type[Task]] = {}
 
@@ -30,6 +30,8 @@ class Task:
     """One task. Subclasses set `name` and implement `load_rows` and `split_exists`; the rest has defaults."""
 
     name: str = ""
+    # A dataclass of the task's recipe options (its fields become recipe keys); instances get them as keywords.
+    options: type | None = None
 
     # Data ------------------------------------------------------------------------------------------------------
     def load_rows(self, data_dir: Path, split: str, image_base_dir: Path, report: BadRowReport) -> list[dict[str, Any]]:
@@ -49,6 +51,13 @@ class Task:
     def target(self, row: dict[str, Any]) -> str:
         """The final assistant answer, as text."""
         return _content_text(row["messages"][-1]["content"])
+
+    def predict(self, model, processor, rows: list[dict[str, Any]], **generation: Any) -> list[str]:
+        """Generated answers for `rows`, in order. The default answers each row's own prompt, in batches; a task
+        whose prompts depend on earlier answers (multi-step procedures) overrides this."""
+        from ..evaluation import generate_answers
+
+        return generate_answers(model, processor, self, rows, **generation)
 
     def score(self, prediction: str, target: str, row: dict[str, Any]) -> dict[str, float]:
         """Per-example scores; the default is exact match after stripping whitespace."""
@@ -76,7 +85,13 @@ def register_task(cls: type[Task]) -> type[Task]:
     return cls
 
 
-def get_task(name: str) -> Task:
+def get_task(name: str, options: dict[str, Any] | None = None) -> Task:
+    """An instance of the registered task `name`, built with its recipe options."""
     if name not in TASKS:
         raise ValueError(f"Unknown task {name!r}; registered tasks: {sorted(TASKS)}.")
-    return TASKS[name]()
+    return TASKS[name](**(options or {}))
+
+
+def task_from_args(script_args) -> Task:
+    """The task of parsed script arguments, with the options `parse_recipe` collected for it."""
+    return get_task(script_args.task, getattr(script_args, "task_options", None))
