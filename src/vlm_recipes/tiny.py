@@ -53,7 +53,19 @@ _CORPUS_LINES = [
 
 def _training_corpus() -> list[str]:
     numbers = [" ".join(str(n) for n in range(start, start + 50)) for start in range(0, 1000, 50)]
-    return _CORPUS_LINES * 20 + numbers
+    # Compact JSON of the kinds the demo tasks answer with, so that their keys become few tokens.
+    pieces = ("pawn", "knight", "bishop", "rook", "queen", "king")
+    squares = [f"{file}{rank}" for rank in range(1, 9) for file in "abcdefgh"]
+    chess_json = [
+        ",".join(
+            f'{{"square":"{square}","color":"{colour}","type":"{pieces[(i + j) % 6]}"}}'
+            for j, square in enumerate(squares)
+        )
+        for i, colour in enumerate(("white", "black"))
+    ]
+    metadata = ['"metadata":{"side_to_move":"white","castling":["white_kingside","black_queenside"],'
+                '"en_passant":null,"halfmove_clock":0,"fullmove_number":1}']
+    return _CORPUS_LINES * 20 + numbers + chess_json * 10 + metadata * 10
 
 
 def trl_chat_template(name: str) -> str:
