@@ -82,21 +82,40 @@ def resolve_image(path_value: Any, base_dir: Path, file: Path, row: int | str) -
 
 
 def build_dataset(rows: list[dict[str, Any]]):
-    """A `datasets.Dataset` with `id`, `images` (decoded to PIL on access) and `messages` columns."""
+    """A `datasets.Dataset` with `id`, `images` (decoded to PIL on access) and `messages` columns, plus every other
+    key of the rows (what a task's scoring needs: targets, boxes, task ids...)."""
     import datasets
 
     if not rows:
         raise ValueError("No usable rows: the dataset is empty after loading.")
+    core = ("id", "images", "messages")
     records = [
-        {"id": str(row["id"]), "images": list(row["images"]), "messages": json.dumps(row["messages"])} for row in rows
+        {
+            "id": str(row["id"]),
+            "images": list(row["images"]),
+            "messages": json.dumps(row["messages"]),
+            "extra": json.dumps({key: value for key, value in row.items() if key not in core}, default=_jsonable),
+        }
+        for row in rows
     ]
     dataset = datasets.Dataset.from_list(records)
     dataset = dataset.cast_column("images", datasets.List(datasets.Image()))
-    # Messages are stored as JSON text (their content items mix shapes that Arrow would pad with nulls) and parsed
-    # back on access.
-    return dataset.with_transform(_decode_messages)
+    # Messages and the task's extra fields are stored as JSON text (their shapes vary from row to row, which Arrow
+    # would pad with nulls) and parsed back on access.
+    return dataset.with_transform(_decode_json_columns)
 
 
-def _decode_messages(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (tuple, set)):
+        return list(value)
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"Cannot store a {type(value).__name__} in a dataset row; use JSON types.")
+
+
+def _decode_json_columns(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
     batch["messages"] = [json.loads(messages) for messages in batch["messages"]]
+    extras = [json.loads(extra) for extra in batch.pop("extra")]
+    for key in sorted({key for extra in extras for key in extra}):
+        batch[key] = [extra.get(key) for extra in extras]
     return batch
