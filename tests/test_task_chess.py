@@ -399,8 +399,9 @@ class TestMakeData:
         task = get_task("chess")
         task.make_data(tmp_path, 10, seed=0)
         dataset = build_dataset(task.load_rows(tmp_path, "train", tmp_path, BadRowReport("error")))
-        row = dataset[0]  # what evaluation sees: decoded image, no `fen` column
-        assert row["images"][0].size == (128, 128) and "fen" not in row
+        row = dataset[0]  # what evaluation sees: decoded image, the task's extra fields kept
+        assert row["images"][0].size == (128, 128)
+        assert fen_to_position_json(row["fen"]) == json.loads(task.target(row))
         target = task.target(row)
         metrics = task.aggregate([task.score(target, target, row)], [row])
         assert metrics["exact_json_match"] == 1.0 and metrics["valid_position_rate"] == 1.0
