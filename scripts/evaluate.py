@@ -2,17 +2,20 @@
 
 Usage:
     python scripts/evaluate.py --model_path DIR --recipe RECIPE.yaml [--split test] [--max_samples N]
-        [--batch_size B] [--base_model NAME_OR_DIR] --output_dir OUT
+        [--batch_size B] [--base_model NAME_OR_DIR] [--baseline] --output_dir OUT
 
 Writes `predictions.csv` (id, target, prediction, per-example scores) and `metrics.json` into OUT and prints a table.
+With `--baseline`, the un-tuned base model (an adapter's base, `--base_model`, or else the recipe's
+`model_name_or_path`) is evaluated the same way into OUT/baseline/, and the table shows both side by side.
 Generation settings (`max_new_tokens`, `temperature`, `do_sample`) and the data come from the recipe.
 """
 
 import argparse
 import sys
+from pathlib import Path
 
 from vlm_recipes.configs import RecipeError, parse_recipe
-from vlm_recipes.evaluation import evaluate_task, format_metrics_table, load_for_generation
+from vlm_recipes.evaluation import adapter_base, evaluate_task, format_metrics_table, load_for_generation
 from vlm_recipes.tasks import task_from_args
 from vlm_recipes.training import load_splits
 
@@ -25,27 +28,33 @@ def main():
     parser.add_argument("--max_samples", type=int, default=None)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--base_model", default=None, help="Base model of an adapter (default: adapter_config.json).")
+    parser.add_argument("--baseline", action="store_true", help="Also evaluate the un-tuned base model.")
     parser.add_argument("--output_dir", required=True)
     args = parser.parse_args()
 
-    script_args, training_args, _ = parse_recipe([args.recipe])
+    script_args, training_args, model_args = parse_recipe([args.recipe])
     split = args.split or script_args.generation_split
     (dataset,), _ = load_splits(script_args, [split], limits=[args.max_samples])
+    task = task_from_args(script_args)
+    generation = {
+        "batch_size": args.batch_size,
+        "max_new_tokens": script_args.max_new_tokens,
+        "temperature": script_args.temperature,
+        "do_sample": script_args.do_sample,
+    }
     model, processor = load_for_generation(args.model_path, args.base_model, training_args.trust_remote_code)
-    metrics = evaluate_task(
-        model,
-        processor,
-        task_from_args(script_args),
-        dataset,
-        args.output_dir,
-        batch_size=args.batch_size,
-        max_new_tokens=script_args.max_new_tokens,
-        temperature=script_args.temperature,
-        do_sample=script_args.do_sample,
-    )
+    metrics = evaluate_task(model, processor, task, dataset, args.output_dir, **generation)
     print(f"{script_args.task} on {split!r} ({len(dataset)} samples), model {args.model_path}:")
-    print(format_metrics_table(metrics))
-
+    if not args.baseline:
+        print(format_metrics_table(metrics))
+        return
+    base = args.base_model or adapter_base(args.model_path) or model_args.model_name_or_path
+    del model
+    base_model, base_processor = load_for_generation(base, trust_remote_code=training_args.trust_remote_code)
+    baseline = evaluate_task(
+        base_model, base_processor, task, dataset, Path(args.output_dir) / "baseline", **generation
+    )
+    print(format_metrics_table(metrics, baseline, names=("tuned", f"baseline ({base})")))
 
 if __name__ == "__main__":
     try:

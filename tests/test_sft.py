@@ -96,7 +96,7 @@ def test_lora_trains_language_model_only(tmp_path, tiny_model_dirs, shapes_data)
     evaluation = tmp_path / "eval"
     result = run_script(
         ["scripts/evaluate.py", "--model_path", str(output), "--recipe", str(recipe), "--split", "test",
-         "--max_samples", "3", "--batch_size", "2", "--output_dir", str(evaluation)]
+         "--max_samples", "3", "--batch_size", "2", "--output_dir", str(evaluation), "--baseline"]
     )
     assert result.returncode == 0, result.stderr[-4000:]
     lines = (evaluation / "predictions.csv").read_text().splitlines()
@@ -104,6 +104,10 @@ def test_lora_trains_language_model_only(tmp_path, tiny_model_dirs, shapes_data)
     metrics = json.loads((evaluation / "metrics.json").read_text())
     assert metrics["task"] == "shapes" and metrics["metrics"]["num_examples"] == 3
     assert "exact_match" in result.stdout
+    # --baseline: the adapter's base model, un-tuned, evaluated the same way beside it.
+    baseline = json.loads((evaluation / "baseline" / "metrics.json").read_text())
+    assert baseline["metrics"]["num_examples"] == 3
+    assert f"baseline ({model_dir})" in result.stdout
 
 
 def test_too_long_drop_is_counted_and_reported(tmp_path, tiny_model_dirs, shapes_data):

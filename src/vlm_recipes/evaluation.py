@@ -19,12 +19,21 @@ from .tasks.base import Task
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "adapter_base",
     "evaluate_task",
     "format_metrics_table",
     "generate_answers",
     "load_for_generation",
     "write_json_atomically",
 ]
+
+
+def adapter_base(model_path: str | Path) -> str | None:
+    """The base model named by a LoRA adapter directory's `adapter_config.json`, or None for a full model."""
+    config = Path(model_path) / "adapter_config.json"
+    if not config.is_file():
+        return None
+    return json.loads(config.read_text())["base_model_name_or_path"]
 
 
 def load_for_generation(model_path: str | Path, base_model: str | None = None, trust_remote_code: bool = False):
@@ -38,11 +47,10 @@ def load_for_generation(model_path: str | Path, base_model: str | None = None, t
     model_path = Path(model_path)
     if not model_path.exists():
         raise FileNotFoundError(f"Model path {model_path} not found.")
-    adapter = (model_path / "adapter_config.json").is_file()
-    if adapter:
-        from peft import PeftConfig, PeftModel
+    if adapter_base(model_path) is not None:
+        from peft import PeftModel
 
-        base = base_model or PeftConfig.from_pretrained(model_path).base_model_name_or_path
+        base = base_model or adapter_base(model_path)
         model = AutoModelForImageTextToText.from_pretrained(base, trust_remote_code=trust_remote_code)
         model = PeftModel.from_pretrained(model, model_path)
         has_processor = any((model_path / name).is_file() for name in ("processor_config.json", "tokenizer_config.json"))
@@ -144,12 +152,21 @@ def evaluate_task(
     return metrics
 
 
-def format_metrics_table(metrics: dict[str, Any]) -> str:
-    """The scalar metrics as a two-column table (nested values such as a confusion matrix stay in metrics.json)."""
-    scalars = {key: value for key, value in metrics.items() if isinstance(value, (int, float))}
+def format_metrics_table(
+    metrics: dict[str, Any], *others: dict[str, Any], names: tuple[str, ...] = ("value",)
+) -> str:
+    """The scalar metrics as a table, one column per metrics dict (nested values stay in metrics.json)."""
+    scalars = [key for key, value in metrics.items() if isinstance(value, (int, float))]
+    columns = [metrics, *others]
     width = max((len(key) for key in scalars), default=6)
-    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  -------"]
-    for key, value in scalars.items():
-        shown = f"{value:.4f}" if isinstance(value, float) and not math.isnan(value) else str(value)
-        lines.append(f"{key:<{width}}  {shown}")
+
+    def shown(value: Any) -> str:
+        if isinstance(value, float) and not math.isnan(value):
+            return f"{value:.4f}"
+        return str(value) if value is not None else "-"
+
+    lines = ["  ".join([f"{'metric':<{width}}", *(f"{name:>10}" for name in names)])]
+    lines.append("  ".join(["-" * width, *("-" * max(10, len(name)) for name in names)]))
+    for key in scalars:
+        lines.append("  ".join([f"{key:<{width}}", *(f"{shown(c.get(key)):>10}" for c in columns)]))
     return "\n".join(lines)
