@@ -54,5 +54,5 @@ def test_every_task_has_a_demo_and_a_real_recipe():
     tasks_with_demo = {yaml.safe_load(Path(REPO_ROOT / "recipes" / "demo" / d).read_text())["task"] for d in DEMOS}
     real = [p for p in (REPO_ROOT / "recipes").glob("*.yaml")]
     tasks_with_real = {yaml.safe_load(p.read_text())["task"] for p in real}
-    for task in ("chess", "ui_actions", "element"):
+    for task in ("chess", "ui_actions", "element", "medical_steps"):
         assert task in tasks_with_demo and task in tasks_with_real, task
