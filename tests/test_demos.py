@@ -37,6 +37,15 @@ def test_demo_runs_from_a_clean_state(demo, tmp_path):
         assert metrics["metrics"]["num_examples"] > 0
         rows = (output / "predictions.csv").read_text().splitlines()
         assert len(rows) == metrics["metrics"]["num_examples"] + 1
+    if recipe["task"] == "medical_steps":  # the inference API on the trained model
+        from vlm_recipes.tasks.medical_steps import load_predictor
+
+        image = sorted((tmp_path / "data" / "images").iterdir())[0]
+        predictor = load_predictor(str(output))
+        step = predictor.predict_step(str(image), "Load the MRI scan", short_term_memory={}, long_term_memory={})
+        assert isinstance(step, dict) and step  # parsed step, or {"_raw", "_error"} for an unparseable answer
+        steps = predictor.run_task([{"image_path": str(image), "user_goal": "Load the MRI scan"}] * 2)
+        assert len(steps) == 2 and all(isinstance(s, dict) for s in steps)
 
 
 @pytest.mark.parametrize("task", sorted(TASKS))

@@ -481,3 +481,33 @@ class TestCreateVlmDataset:
     def test_bad_ratios(self, tmp_path):
         with pytest.raises(ValueError, match="summing to 1"):
             create_vlm_dataset([], tmp_path / "out", split_ratios=(0.8, 0.1, 0.2))
+
+
+def test_create_vlm_dataset_script(tmp_path):
+    from PIL import Image
+
+    from conftest import run_script
+
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    fens = [
+        "rnbqkbnr/pppppppp/8/8/8/8/PPPPPPPP/RNBQKBNR w KQkq - 0 1",
+        "rnbqkbnr/pppppppp/8/8/4P3/8/PPPP1PPP/RNBQKBNR b KQkq e3 0 1",
+        "8/8/8/4k3/8/8/4K3/8 w - - 0 1",
+        "8/8/8/3k4/8/8/3K4/8 b - - 5 40",
+    ]
+    for number, fen in enumerate(fens):
+        Image.new("RGB", (32, 32), "white").save(pairs / f"board{number}.png")
+        (pairs / f"board{number}.fen").write_text(fen + "\n")
+    output = tmp_path / "out"
+    result = run_script(
+        ["scripts/create_vlm_dataset.py", "--pairs", str(pairs), "--output", str(output), "--max_samples", "3",
+         "--split_ratios", "0.34", "0.33", "0.33"]
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    sizes = {split: len(json.loads((output / f"{split}.json").read_text())) for split in ("train", "val", "test")}
+    # max_samples keeps 3 of the 4 pairs; held-out counts round down (0.33 * 3 -> 0), train takes the rest.
+    assert sizes == {"train": 3, "val": 0, "test": 0}
+    (pairs / "board0.fen").unlink()
+    result = run_script(["scripts/create_vlm_dataset.py", "--pairs", str(pairs), "--output", str(tmp_path / "o2")])
+    assert result.returncode == 2 and "board0" in result.stderr
