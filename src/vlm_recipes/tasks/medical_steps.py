@@ -623,7 +623,9 @@ class MedicalStepsTask(Task):
         return step_scores(parse_step_output(prediction)[0], json.loads(target))
 
     def aggregate(self, scores: list[dict[str, float]], rows: list[dict[str, Any]]) -> dict[str, float]:
-        return task_metrics(scores, [_task_and_step(row)[0] for row in rows])
+        metrics = task_metrics(scores, [_task_and_step(row)[0] for row in rows])
+        # Every task reports `num_examples` (here: steps), so that reports and run comparisons read one key.
+        return {**metrics, "num_examples": metrics["num_steps"]}
 
     def save_artifacts(self, output_dir: Path, scores: list[dict[str, float]], rows: list[dict[str, Any]]) -> None:
         """Write `step_results.json`: per task (in order) and step, the target, the prediction with the memory it was
