@@ -14,7 +14,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BadRow", "BadRowReport", "build_dataset", "read_jsonl", "resolve_image"]
+__all__ = ["BadRow", "BadRowReport", "build_dataset", "read_jsonl", "resolve_image", "write_text_atomically"]
 
 
 class BadRow(ValueError):
@@ -45,6 +45,14 @@ class BadRowReport:
         if len(self.skipped) > 50:
             lines.append(f"  ... and {len(self.skipped) - 50} more")
         return "\n".join(lines)
+
+
+def write_text_atomically(path: str | Path, text: str) -> None:
+    """Write to a temporary sibling, then rename: a crash never leaves a half-written file that looks complete."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text, encoding="utf-8")
+    temporary.replace(path)
 
 
 def read_jsonl(path: str | Path, report: BadRowReport) -> list[tuple[int, dict[str, Any]]]:

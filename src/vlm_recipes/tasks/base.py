@@ -27,18 +27,23 @@ def _content_text(content: Any) -> str:
 
 
 class Task:
-    """One task. Subclasses set `name` and implement `load_rows` and `split_exists`; the rest has defaults."""
+    """One task. Subclasses set `name` and implement `load_rows`; the rest has defaults."""
 
     name: str = ""
     # A dataclass of the task's recipe options (its fields become recipe keys); instances get them as keywords.
     options: type | None = None
+    # File of one split inside the data directory; a task with another layout overrides `split_exists`.
+    split_filename: str = "{split}.jsonl"
 
     # Data ------------------------------------------------------------------------------------------------------
     def load_rows(self, data_dir: Path, split: str, image_base_dir: Path, report: BadRowReport) -> list[dict[str, Any]]:
         raise NotImplementedError
 
+    def split_file(self, data_dir: Path, split: str) -> Path:
+        return Path(data_dir) / self.split_filename.format(split=split)
+
     def split_exists(self, data_dir: Path, split: str) -> bool:
-        raise NotImplementedError
+        return self.split_file(data_dir, split).is_file()
 
     def make_data(self, output_dir: Path, num: int, seed: int) -> None:
         raise NotImplementedError(f"Task {self.name!r} has no demo-data generator.")

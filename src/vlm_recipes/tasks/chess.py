@@ -20,14 +20,13 @@ the standard library, and importing the task registry should not fail for users 
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from ..data import BadRow, BadRowReport, resolve_image
+from ..data import BadRow, BadRowReport, resolve_image, write_text_atomically
 from .base import Task, register_task
 
 __all__ = [
@@ -385,9 +384,7 @@ def _native_row(row_id: str, image: str, fen: str) -> dict[str, Any]:
 
 def _write_json_atomically(rows: list[dict[str, Any]], path: Path) -> None:
     # Written whole then renamed, so that an interrupted run never leaves a split that looks complete.
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
+    write_text_atomically(path, json.dumps(rows, indent=2) + "\n")
 
 
 def _split_counts(total: int, ratios: tuple[float, float, float]) -> dict[str, int]:
@@ -525,11 +522,7 @@ class ChessTask(Task):
 
     name = "chess"
 
-    def split_file(self, data_dir: Path, split: str) -> Path:
-        return Path(data_dir) / f"{split}.json"
-
-    def split_exists(self, data_dir: Path, split: str) -> bool:
-        return self.split_file(data_dir, split).is_file()
+    split_filename = "{split}.json"
 
     def load_rows(
         self, data_dir: Path, split: str, image_base_dir: Path, report: BadRowReport

@@ -13,7 +13,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from ..data import BadRow, BadRowReport, read_jsonl, resolve_image
+from ..data import BadRow, BadRowReport, read_jsonl, resolve_image, write_text_atomically
 from .base import Task, register_task
 
 ELEMENTS = ("water", "land", "fire", "wood", "metal")
@@ -139,12 +139,6 @@ def _draw(element: str, rng: random.Random, size: int = 56):
 class ElementTask(Task):
     name = "element"
 
-    def split_file(self, data_dir: Path, split: str) -> Path:
-        return Path(data_dir) / f"{split}.jsonl"
-
-    def split_exists(self, data_dir: Path, split: str) -> bool:
-        return self.split_file(data_dir, split).is_file()
-
     def load_rows(self, data_dir: Path, split: str, image_base_dir: Path, report: BadRowReport) -> list[dict[str, Any]]:
         file = self.split_file(data_dir, split)
         rows = []
@@ -187,9 +181,7 @@ class ElementTask(Task):
                 row = {"id": f"{split}-{index:05d}", "image_path": relative, "reason": rng.choice(_REASONS[element] if rng.random() < 0.5 else _NEUTRAL)}
                 lines.append(json.dumps({**row, "element": element}))
             rng.shuffle(lines)
-            temporary = output_dir / f".{split}.jsonl.tmp"
-            temporary.write_text("\n".join(lines) + "\n", encoding="utf-8")
-            temporary.replace(output_dir / f"{split}.jsonl")
+            write_text_atomically(output_dir / f"{split}.jsonl", "\n".join(lines) + "\n")
 
     def score(self, prediction: str, target: str, row: dict[str, Any]) -> dict[str, float]:
         predicted = parse_element(prediction)

@@ -37,12 +37,6 @@ def check_messages(messages: Any, num_images: int, file: Path, row: int | str) -
 class MessagesTask(Task):
     name = "messages"
 
-    def split_file(self, data_dir: Path, split: str) -> Path:
-        return Path(data_dir) / f"{split}.jsonl"
-
-    def split_exists(self, data_dir: Path, split: str) -> bool:
-        return self.split_file(data_dir, split).is_file()
-
     def load_rows(self, data_dir: Path, split: str, image_base_dir: Path, report: BadRowReport) -> list[dict[str, Any]]:
         file = self.split_file(data_dir, split)
         rows = []

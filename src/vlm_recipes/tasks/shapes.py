@@ -10,6 +10,7 @@ import json
 import random
 from pathlib import Path
 
+from ..data import write_text_atomically
 from .messages import MessagesTask
 from .base import register_task
 
@@ -63,6 +64,4 @@ class ShapesTask(MessagesTask):
                 messages = [{"role": "user", "content": user}, {"role": "assistant", "content": colour}]
                 lines.append(json.dumps({"id": f"{split}-{index:05d}", "images": images, "messages": messages}))
             # Written last and whole, so that an interrupted run never leaves a split that looks complete.
-            temporary = output_dir / f".{split}.jsonl.tmp"
-            temporary.write_text("\n".join(lines) + "\n", encoding="utf-8")
-            temporary.replace(output_dir / f"{split}.jsonl")
+            write_text_atomically(output_dir / f"{split}.jsonl", "\n".join(lines) + "\n")

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..data import BadRow, BadRowReport, read_jsonl, resolve_image
+from ..data import BadRow, BadRowReport, read_jsonl, resolve_image, write_text_atomically
 from .base import Task, register_task
 
 __all__ = [
@@ -760,12 +760,6 @@ class UIActionsTask(Task):
         return None if action is None else to_original_pixels(action, self.coordinate_system, image_size)
 
     # Data ------------------------------------------------------------------------------------------------------
-    def split_file(self, data_dir: Path, split: str) -> Path:
-        return Path(data_dir) / f"{split}.jsonl"
-
-    def split_exists(self, data_dir: Path, split: str) -> bool:
-        return self.split_file(data_dir, split).is_file()
-
     def load_rows(
         self, data_dir: Path, split: str, image_base_dir: Path, report: BadRowReport
     ) -> list[dict[str, Any]]:
@@ -824,9 +818,7 @@ class UIActionsTask(Task):
                 lines.append(json.dumps({"id": f"{split}-{index:05d}", "image": relative, **row}))
             rng.shuffle(lines)
             # Written last and whole, so that an interrupted run never leaves a split that looks complete.
-            temporary = output_dir / f".{split}.jsonl.tmp"
-            temporary.write_text("\n".join(lines) + "\n", encoding="utf-8")
-            temporary.replace(output_dir / f"{split}.jsonl")
+            write_text_atomically(output_dir / f"{split}.jsonl", "\n".join(lines) + "\n")
 
     # Evaluation ------------------------------------------------------------------------------------------------
     def score(self, prediction: str, target: str, row: dict[str, Any]) -> dict[str, float]:
