@@ -14,7 +14,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BadRow", "BadRowReport", "build_dataset", "read_jsonl", "resolve_image", "write_text_atomically"]
+__all__ = ["BadRow", "BadRowReport", "build_dataset", "read_jsonl", "demo_split_sizes", "resolve_image", "write_text_atomically"]
 
 
 class BadRow(ValueError):
@@ -45,6 +45,14 @@ class BadRowReport:
         if len(self.skipped) > 50:
             lines.append(f"  ... and {len(self.skipped) - 50} more")
         return "\n".join(lines)
+
+
+def demo_split_sizes(num: int, min_held_out: int = 1) -> dict[str, int]:
+    """Sizes of generated demo splits: 10% each for val and test (at least `min_held_out`), the rest for train."""
+    held_out = max(min_held_out, num // 10)
+    if num - 2 * held_out < 1:
+        raise ValueError(f"{num} samples cannot fill val and test ({held_out} each) and leave any for train.")
+    return {"train": num - 2 * held_out, "val": held_out, "test": held_out}
 
 
 def write_text_atomically(path: str | Path, text: str) -> None:

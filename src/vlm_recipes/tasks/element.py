@@ -13,7 +13,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from ..data import BadRow, BadRowReport, read_jsonl, resolve_image, write_text_atomically
+from ..data import BadRow, BadRowReport, demo_split_sizes, read_jsonl, resolve_image, write_text_atomically
 from .base import Task, register_task
 
 ELEMENTS = ("water", "land", "fire", "wood", "metal")
@@ -171,14 +171,14 @@ class ElementTask(Task):
         output_dir = Path(output_dir)
         rng = random.Random(seed)
         (output_dir / "images").mkdir(parents=True, exist_ok=True)
-        num_held_out = max(10, num // 10)
-        for split, count in {"train": num - 2 * num_held_out, "val": num_held_out, "test": num_held_out}.items():
+        for split, count in demo_split_sizes(num, min_held_out=10).items():
             lines = []
             for index in range(count):
                 element = ELEMENTS[index % len(ELEMENTS)]
                 relative = f"images/{split}_{index:05d}.png"
                 _draw(element, rng).save(output_dir / relative)
-                row = {"id": f"{split}-{index:05d}", "image_path": relative, "reason": rng.choice(_REASONS[element] if rng.random() < 0.5 else _NEUTRAL)}
+                reason = rng.choice(_REASONS[element] if rng.random() < 0.5 else _NEUTRAL)
+                row = {"id": f"{split}-{index:05d}", "image_path": relative, "reason": reason}
                 lines.append(json.dumps({**row, "element": element}))
             rng.shuffle(lines)
             write_text_atomically(output_dir / f"{split}.jsonl", "\n".join(lines) + "\n")

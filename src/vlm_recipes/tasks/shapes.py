@@ -10,7 +10,7 @@ import json
 import random
 from pathlib import Path
 
-from ..data import write_text_atomically
+from ..data import demo_split_sizes, write_text_atomically
 from .messages import MessagesTask
 from .base import register_task
 
@@ -46,9 +46,7 @@ class ShapesTask(MessagesTask):
         output_dir = Path(output_dir)
         rng = random.Random(seed)
         (output_dir / "images").mkdir(parents=True, exist_ok=True)
-        num_val = max(1, num // 10)
-        splits = {"train": num - 2 * num_val, "val": num_val, "test": num_val}
-        for split, count in splits.items():
+        for split, count in demo_split_sizes(num).items():
             lines = []
             for index in range(count):
                 colour = rng.choice(sorted(COLOURS))

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..data import BadRow, BadRowReport, read_jsonl, resolve_image, write_text_atomically
+from ..data import BadRow, BadRowReport, demo_split_sizes, read_jsonl, resolve_image, write_text_atomically
 from .base import Task, register_task
 
 __all__ = [
@@ -808,8 +808,7 @@ class UIActionsTask(Task):
         output_dir = Path(output_dir)
         rng = random.Random(seed)
         (output_dir / "images").mkdir(parents=True, exist_ok=True)
-        num_held_out = max(1, num // 10)
-        for split, count in {"train": num - 2 * num_held_out, "val": num_held_out, "test": num_held_out}.items():
+        for split, count in demo_split_sizes(num).items():
             lines = []
             for index in range(count):
                 image, row = _demo_example(ACTION_TYPES[index % len(ACTION_TYPES)], rng)
