@@ -18,7 +18,9 @@ def main():
     parser.add_argument("--pairs", required=True, help="Folder of board images with .fen files beside them.")
     parser.add_argument("--output", required=True, help="Directory for train.json, val.json, test.json and images.")
     parser.add_argument("--max_samples", type=int, default=None)
-    parser.add_argument("--split_ratios", type=float, nargs=3, default=(0.8, 0.1, 0.1), metavar=("TRAIN", "VAL", "TEST"))
+    parser.add_argument(
+        "--split_ratios", type=float, nargs=3, default=(0.8, 0.1, 0.1), metavar=("TRAIN", "VAL", "TEST")
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     counts = create_vlm_dataset(args.pairs, args.output, args.max_samples, tuple(args.split_ratios), args.seed)

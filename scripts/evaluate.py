@@ -23,7 +23,9 @@ from vlm_recipes.training import load_splits
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_path", required=True, help="Model or LoRA adapter directory.")
-    parser.add_argument("--recipe", required=True, help="The recipe the model was trained with (task, data, generation).")
+    parser.add_argument(
+        "--recipe", required=True, help="The recipe the model was trained with (task, data, generation)."
+    )
     parser.add_argument("--split", default=None, help="Split to evaluate; defaults to the recipe's generation_split.")
     parser.add_argument("--max_samples", type=int, default=None)
     parser.add_argument("--batch_size", type=int, default=8)
@@ -55,6 +57,7 @@ def main():
         base_model, base_processor, task, dataset, Path(args.output_dir) / "baseline", **generation
     )
     print(format_metrics_table(metrics, baseline, names=("tuned", f"baseline ({base})")))
+
 
 if __name__ == "__main__":
     try:

@@ -50,7 +50,10 @@ def conversations():
             ],
         },
         {"images": [], "messages": [user("Say hi."), {"role": "assistant", "content": "hi there"}]},
-        {"images": [image(80, 60), image(60, 80, "yellow")], "messages": [user("Compare.", 2), assistant("Red, yellow.")]},
+        {
+            "images": [image(80, 60), image(60, 80, "yellow")],
+            "messages": [user("Compare.", 2), assistant("Red, yellow.")],
+        },
     ]
 
 
@@ -309,7 +312,10 @@ class TestBadRows:
             ({"images": [], "messages": [user("hi")]}, r"row 1: no assistant turn"),
             ({"images": [], "messages": []}, r"row 1: `messages` is empty"),
             ({"images": [], "messages": [assistant("x"), user("hi")]}, r"row 1: .*starts with an assistant"),
-            ({"images": [], "messages": [user("hi"), assistant("  ")]}, r"row 1, message 1: the assistant turn is empty"),
+            (
+                {"images": [], "messages": [user("hi"), assistant("  ")]},
+                r"row 1, message 1: the assistant turn is empty",
+            ),
             ({"images": [], "messages": [{"role": "robot", "content": "x"}]}, r"row 1, message 0: `role`"),
             ({"id": "abc", "images": [], "messages": [user("hi")]}, r"row 1 \(id 'abc'\): no assistant"),
         ],

@@ -52,7 +52,9 @@ class TestParseRecipe:
     def test_unknown_recipe_key_names_closest(self, tmp_path):
         path = tmp_path / "bad.yaml"
         path.write_text("model_name_or_path: x\nlora_rank: 8\n")
-        with pytest.raises(RecipeError, match=r"Unknown key `lora_rank` in recipe .*bad.yaml; did you mean `lora_r`\?"):
+        with pytest.raises(
+            RecipeError, match=r"Unknown key `lora_rank` in recipe .*bad.yaml; did you mean `lora_r`\?"
+        ):
             parse_recipe([str(path)])
 
     def test_unknown_command_line_key_names_closest(self, recipe):

@@ -23,9 +23,12 @@ def test_demo_runs_from_a_clean_state(demo, tmp_path):
         [
             "scripts/sft.py",
             f"recipes/demo/{demo}",
-            "--output_dir", str(output),
-            "--model_name_or_path", str(tmp_path / "tiny"),
-            "--dataset_path", str(tmp_path / "data"),
+            "--output_dir",
+            str(output),
+            "--model_name_or_path",
+            str(tmp_path / "tiny"),
+            "--dataset_path",
+            str(tmp_path / "data"),
         ],
         timeout=600,
     )

@@ -95,8 +95,22 @@ def test_lora_trains_language_model_only(tmp_path, tiny_model_dirs, shapes_data)
     # evaluate.py on the adapter directory: the base model is read from adapter_config.json.
     evaluation = tmp_path / "eval"
     result = run_script(
-        ["scripts/evaluate.py", "--model_path", str(output), "--recipe", str(recipe), "--split", "test",
-         "--max_samples", "3", "--batch_size", "2", "--output_dir", str(evaluation), "--baseline"]
+        [
+            "scripts/evaluate.py",
+            "--model_path",
+            str(output),
+            "--recipe",
+            str(recipe),
+            "--split",
+            "test",
+            "--max_samples",
+            "3",
+            "--batch_size",
+            "2",
+            "--output_dir",
+            str(evaluation),
+            "--baseline",
+        ]
     )
     assert result.returncode == 0, result.stderr[-4000:]
     lines = (evaluation / "predictions.csv").read_text().splitlines()
@@ -139,7 +153,11 @@ def test_inspect_batch_script(tmp_path, tiny_model_dirs, shapes_data):
     assert result.returncode == 0, result.stderr[-4000:]
     assert "supervised: assistant turn" in result.stdout and "masked: image token" in result.stdout
     assert "masked: user turn" in result.stdout
-    supervised = [line for line in result.stdout.splitlines() if not line.startswith("summary") and line.endswith("supervised: assistant turn")]
+    supervised = [
+        line
+        for line in result.stdout.splitlines()
+        if not line.startswith("summary") and line.endswith("supervised: assistant turn")
+    ]
     assert "'<|im_end|>'" in supervised[-2]  # the end-of-turn token is learned (then the template's newline)
 
 

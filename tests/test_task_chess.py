@@ -501,8 +501,19 @@ def test_create_vlm_dataset_script(tmp_path):
         (pairs / f"board{number}.fen").write_text(fen + "\n")
     output = tmp_path / "out"
     result = run_script(
-        ["scripts/create_vlm_dataset.py", "--pairs", str(pairs), "--output", str(output), "--max_samples", "3",
-         "--split_ratios", "0.34", "0.33", "0.33"]
+        [
+            "scripts/create_vlm_dataset.py",
+            "--pairs",
+            str(pairs),
+            "--output",
+            str(output),
+            "--max_samples",
+            "3",
+            "--split_ratios",
+            "0.34",
+            "0.33",
+            "0.33",
+        ]
     )
     assert result.returncode == 0, result.stderr[-3000:]
     sizes = {split: len(json.loads((output / f"{split}.json").read_text())) for split in ("train", "val", "test")}

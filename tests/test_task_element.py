@@ -45,7 +45,9 @@ class TestClassificationMetrics:
 
     def test_score_and_aggregate_agree_with_metrics(self):
         task = get_task("element")
-        rows = [{"messages": [{"role": "assistant", "content": [{"type": "text", "text": t}]}]} for t in ("fire", "land")]
+        rows = [
+            {"messages": [{"role": "assistant", "content": [{"type": "text", "text": t}]}]} for t in ("fire", "land")
+        ]
         scores = [task.score("fire", "fire", rows[0]), task.score("xyz", "land", rows[1])]
         metrics = task.aggregate(scores, rows)
         assert metrics["accuracy"] == 0.5 and metrics["invalid_label_rate"] == 0.5 and metrics["num_examples"] == 2
@@ -109,9 +111,12 @@ def test_element_demo_learns(tmp_path):
         [
             "scripts/sft.py",
             "recipes/demo/element.yaml",
-            "--output_dir", str(output),
-            "--model_name_or_path", str(tmp_path / "tiny"),
-            "--dataset_path", str(tmp_path / "data"),
+            "--output_dir",
+            str(output),
+            "--model_name_or_path",
+            str(tmp_path / "tiny"),
+            "--dataset_path",
+            str(tmp_path / "data"),
         ],
         timeout=600,
     )
@@ -119,5 +124,7 @@ def test_element_demo_learns(tmp_path):
     metrics = json.loads((output / "metrics.json").read_text())["metrics"]
     assert metrics["accuracy"] >= 0.9 and metrics["num_examples"] == 40
     assert math.isfinite(metrics["macro_f1"])
-    assert (output / "predictions.csv").read_text().splitlines()[0] == "id,target,prediction,correct,invalid,predicted_index"
+    assert (output / "predictions.csv").read_text().splitlines()[
+        0
+    ] == "id,target,prediction,correct,invalid,predicted_index"
     assert (output / "confusion_matrix.png").stat().st_size > 0

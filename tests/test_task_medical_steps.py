@@ -76,7 +76,6 @@ class TestOptions:
         with pytest.raises(ValueError, match=message):
             MedicalStepsTask(**options)
 
-
     def test_recipe_keys_reach_the_task(self, tmp_path):
         from vlm_recipes.configs import RecipeError, parse_recipe
         from vlm_recipes.tasks import task_from_args

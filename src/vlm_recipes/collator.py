@@ -175,7 +175,9 @@ class VisionChatCollator:
 
     def _validate(self, example: dict[str, Any], name: str) -> tuple[list[dict[str, Any]], list[Any]]:
         if not isinstance(example, dict) or "messages" not in example:
-            raise ValueError(f"{name}: an example must be a dict with `messages` (and `images`), got {example!r:.200}.")
+            raise ValueError(
+                f"{name}: an example must be a dict with `messages` (and `images`), got {example!r:.200}."
+            )
         images = example.get("images") or []
         if not isinstance(images, (list, tuple)):
             images = [images]

@@ -90,7 +90,10 @@ class VLMScriptArguments(ScriptArguments):
     max_pixels: int | None = field(default=None, metadata={"help": "Image pixel budget, upper bound (Qwen-VL)."})
     too_long: str = field(
         default="error",
-        metadata={"help": "Sample over `max_length`: `error` or `drop` (counted).", "choices": list(TOO_LONG_POLICIES)},
+        metadata={
+            "help": "Sample over `max_length`: `error` or `drop` (counted).",
+            "choices": list(TOO_LONG_POLICIES),
+        },
     )
     on_bad_row: str = field(
         default="error",
@@ -178,7 +181,9 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
             raise _unknown_key_error(str(key), f"recipe {path}")
         # YAML 1.1 reads a bare `no` as False, which the Trainer then rejects as a strategy.
         if str(key).endswith("_strategy") and isinstance(value, bool):
-            raise RecipeError(f'{path}: `{key}: {"yes" if value else "no"}` reads as a YAML boolean; quote it: {key}: "no".')
+            raise RecipeError(
+                f'{path}: `{key}: {"yes" if value else "no"}` reads as a YAML boolean; quote it: {key}: "no".'
+            )
     return recipe
 
 

@@ -14,7 +14,15 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BadRow", "BadRowReport", "build_dataset", "read_jsonl", "demo_split_sizes", "resolve_image", "write_text_atomically"]
+__all__ = [
+    "BadRow",
+    "BadRowReport",
+    "build_dataset",
+    "read_jsonl",
+    "demo_split_sizes",
+    "resolve_image",
+    "write_text_atomically",
+]
 
 
 class BadRow(ValueError):

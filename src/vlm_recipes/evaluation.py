@@ -53,8 +53,12 @@ def load_for_generation(model_path: str | Path, base_model: str | None = None, t
         base = base_model or adapter_base(model_path)
         model = AutoModelForImageTextToText.from_pretrained(base, trust_remote_code=trust_remote_code)
         model = PeftModel.from_pretrained(model, model_path)
-        has_processor = any((model_path / name).is_file() for name in ("processor_config.json", "tokenizer_config.json"))
-        processor = AutoProcessor.from_pretrained(model_path if has_processor else base, trust_remote_code=trust_remote_code)
+        has_processor = any(
+            (model_path / name).is_file() for name in ("processor_config.json", "tokenizer_config.json")
+        )
+        processor = AutoProcessor.from_pretrained(
+            model_path if has_processor else base, trust_remote_code=trust_remote_code
+        )
     else:
         model = AutoModelForImageTextToText.from_pretrained(model_path, trust_remote_code=trust_remote_code)
         processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=trust_remote_code)
@@ -152,9 +156,7 @@ def evaluate_task(
     return metrics
 
 
-def format_metrics_table(
-    metrics: dict[str, Any], *others: dict[str, Any], names: tuple[str, ...] = ("value",)
-) -> str:
+def format_metrics_table(metrics: dict[str, Any], *others: dict[str, Any], names: tuple[str, ...] = ("value",)) -> str:
     """The scalar metrics as a table, one column per metrics dict (nested values stay in metrics.json)."""
     scalars = [key for key, value in metrics.items() if isinstance(value, (int, float))]
     columns = [metrics, *others]

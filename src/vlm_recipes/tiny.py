@@ -38,7 +38,7 @@ _CORPUS_LINES = [
     "Analyze this chess board image and describe the position in JSON format with pieces and metadata.",
     '{"pieces": [{"square": "e4", "color": "white", "type": "pawn"}], "metadata": {"side_to_move": "black"}}',
     "king queen rook bishop knight pawn white black castling en passant halfmove fullmove",
-    "click(100, 200) type(\"hello\") scroll(down, 100) wait(2) the login button the search field submit",
+    'click(100, 200) type("hello") scroll(down, 100) wait(2) the login button the search field submit',
     '{"type": "click", "x": 100, "y": 200} {"type": "type", "text": "hello"} {"type": "scroll"}',
     "Open the viewer, select the patient, choose the series, load the MRI scan, confirm the study.",
     "You are a helpful assistant. User: Assistant: system user assistant",
@@ -63,8 +63,10 @@ def _training_corpus() -> list[str]:
         )
         for i, colour in enumerate(("white", "black"))
     ]
-    metadata = ['"metadata":{"side_to_move":"white","castling":["white_kingside","black_queenside"],'
-                '"en_passant":null,"halfmove_clock":0,"fullmove_number":1}']
+    metadata = [
+        '"metadata":{"side_to_move":"white","castling":["white_kingside","black_queenside"],'
+        '"en_passant":null,"halfmove_clock":0,"fullmove_number":1}'
+    ]
     return _CORPUS_LINES * 20 + numbers + chess_json * 10 + metadata * 10
 
 

@@ -28,9 +28,9 @@ def ensure_demo_inputs(script_args: VLMScriptArguments, model_name_or_path: str 
             return
         if script_args.tiny_model_family and model_name_or_path and not Path(model_name_or_path).exists():
             logger.info("Building a tiny %s model at %s", script_args.tiny_model_family, model_name_or_path)
-            _build_atomically(Path(model_name_or_path), lambda tmp: build_tiny_model(
-                script_args.tiny_model_family, tmp
-            ))
+            _build_atomically(
+                Path(model_name_or_path), lambda tmp: build_tiny_model(script_args.tiny_model_family, tmp)
+            )
         if script_args.generate_data_if_missing and script_args.dataset_path:
             data_dir = Path(script_args.dataset_path)
             if not data_dir.exists():

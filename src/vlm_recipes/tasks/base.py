@@ -36,7 +36,9 @@ class Task:
     split_filename: str = "{split}.jsonl"
 
     # Data ------------------------------------------------------------------------------------------------------
-    def load_rows(self, data_dir: Path, split: str, image_base_dir: Path, report: BadRowReport) -> list[dict[str, Any]]:
+    def load_rows(
+        self, data_dir: Path, split: str, image_base_dir: Path, report: BadRowReport
+    ) -> list[dict[str, Any]]:
         raise NotImplementedError
 
     def split_file(self, data_dir: Path, split: str) -> Path:
@@ -77,7 +79,6 @@ class Task:
             metrics[key] = sum(values) / len(values) if values else float("nan")
         metrics["num_examples"] = float(len(scores))
         return metrics
-
 
     def save_artifacts(self, output_dir: Path, scores: list[dict[str, float]], rows: list[dict[str, Any]]) -> None:
         """Write task-specific evaluation files (plots...) into `output_dir`; nothing by default."""

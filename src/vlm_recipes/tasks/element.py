@@ -139,7 +139,9 @@ def _draw(element: str, rng: random.Random, size: int = 56):
 class ElementTask(Task):
     name = "element"
 
-    def load_rows(self, data_dir: Path, split: str, image_base_dir: Path, report: BadRowReport) -> list[dict[str, Any]]:
+    def load_rows(
+        self, data_dir: Path, split: str, image_base_dir: Path, report: BadRowReport
+    ) -> list[dict[str, Any]]:
         file = self.split_file(data_dir, split)
         rows = []
         for line, raw in read_jsonl(file, report):

@@ -157,8 +157,10 @@ def parse_step_context(messages: list[dict[str, Any]]) -> tuple[str, dict[str, A
     """
     user = next((message for message in messages if message["role"] == "user"), None)
     content = user["content"] if user is not None else None
-    text = content if isinstance(content, str) else "".join(
-        item.get("text", "") for item in content or [] if item.get("type") == "text"
+    text = (
+        content
+        if isinstance(content, str)
+        else "".join(item.get("text", "") for item in content or [] if item.get("type") == "text")
     )
     header, _, context_line = text.partition("\n")
     try:
@@ -595,7 +597,9 @@ class MedicalStepsTask(Task):
             if [step_index for _, step_index in steps] != list(range(len(steps))):
                 logger.warning(
                     "Task %s: steps %s given, not 0..%d; its memory starts at the first step given, unlike training.",
-                    steps[0][0], [step_index for _, step_index in steps], len(steps) - 1,
+                    steps[0][0],
+                    [step_index for _, step_index in steps],
+                    len(steps) - 1,
                 )
         memories: list[tuple[dict[str, Any], dict[str, Any]]] = [({}, {}) for _ in groups]
         for position in range(max((len(group) for group in groups), default=0)):

@@ -37,7 +37,9 @@ def check_messages(messages: Any, num_images: int, file: Path, row: int | str) -
 class MessagesTask(Task):
     name = "messages"
 
-    def load_rows(self, data_dir: Path, split: str, image_base_dir: Path, report: BadRowReport) -> list[dict[str, Any]]:
+    def load_rows(
+        self, data_dir: Path, split: str, image_base_dir: Path, report: BadRowReport
+    ) -> list[dict[str, Any]]:
         file = self.split_file(data_dir, split)
         rows = []
         for line_number, raw in read_jsonl(file, report):

@@ -208,7 +208,12 @@ ACTION_SYNTAX = {
     },
 }
 _PLACEHOLDERS = {
-    "x": "x", "y": "y", "text": '"text"', "direction": "direction", "amount": "amount", "seconds": "seconds"
+    "x": "x",
+    "y": "y",
+    "text": '"text"',
+    "direction": "direction",
+    "amount": "amount",
+    "seconds": "seconds",
 }
 
 
