@@ -6,7 +6,7 @@ Usage:
     python scripts/sft.py --config RECIPE.yaml [--key value ...]
 
 Command-line keys override the recipe file. Keys are fields of `vlm_recipes.configs.VLMScriptArguments`,
-`trl.SFTConfig` and `trl.ModelConfig`.
+`trl.SFTConfig` and `vlm_recipes.configs.VLMModelConfig` (TRL's `ModelConfig` plus the VLM parts).
 """
 
 import logging

@@ -17,7 +17,14 @@ from typing import Any
 import yaml
 from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser
 
-__all__ = ["RecipeError", "VLMScriptArguments", "parse_recipe", "read_recipe_file", "resolved_recipe"]
+__all__ = [
+    "RecipeError",
+    "VLMModelConfig",
+    "VLMScriptArguments",
+    "parse_recipe",
+    "read_recipe_file",
+    "resolved_recipe",
+]
 
 TOO_LONG_POLICIES = ("error", "drop")
 BAD_ROW_POLICIES = ("error", "skip")
@@ -73,6 +80,14 @@ class VLMScriptArguments(ScriptArguments):
             Sampling temperature (with `do_sample`).
         verify_saved_model (`bool`, defaults to `False`):
             After saving, reload the output directory with `AutoProcessor` and `AutoModelForImageTextToText`.
+        wandb_project (`str`, *optional*):
+            W&B project of the run (`WANDB_PROJECT` in the environment wins).
+        wandb_entity (`str`, *optional*):
+            W&B entity (user or team) of the run (`WANDB_ENTITY` wins).
+        wandb_group (`str`, *optional*):
+            W&B group, to compare related runs together (`WANDB_RUN_GROUP` wins).
+        wandb_tags (`list[str]`, *optional*):
+            W&B tags of the run (`WANDB_TAGS`, comma-separated, wins).
     """
 
     dataset_name: str | None = field(
@@ -119,6 +134,10 @@ class VLMScriptArguments(ScriptArguments):
     verify_saved_model: bool = field(
         default=False, metadata={"help": "Reload the saved output directory after training, as a check."}
     )
+    wandb_project: str | None = field(default=None, metadata={"help": "W&B project (`WANDB_PROJECT` wins)."})
+    wandb_entity: str | None = field(default=None, metadata={"help": "W&B entity (`WANDB_ENTITY` wins)."})
+    wandb_group: str | None = field(default=None, metadata={"help": "W&B group (`WANDB_RUN_GROUP` wins)."})
+    wandb_tags: list[str] | None = field(default=None, metadata={"help": "W&B tags (`WANDB_TAGS` wins)."})
 
     def __post_init__(self):
         if self.too_long not in TOO_LONG_POLICIES:
@@ -129,7 +148,42 @@ class VLMScriptArguments(ScriptArguments):
             raise RecipeError(f"`min_pixels`={self.min_pixels} is above `max_pixels`={self.max_pixels}.")
 
 
-RECIPE_DATACLASSES = (VLMScriptArguments, SFTConfig, ModelConfig)
+@dataclass
+class VLMModelConfig(ModelConfig):
+    """TRL's `ModelConfig` plus the parts of a VLM: which get LoRA, which are frozen, and their learning rates.
+
+    Args:
+        lora_vision (`bool`, defaults to `False`):
+            Also put LoRA on the vision tower and projector. By default LoRA targets the language model only.
+        freeze_vision_tower (`bool`, defaults to `False`):
+            Freeze the vision tower's weights (full fine-tuning; with LoRA only the adapters train anyway).
+        freeze_projector (`bool`, defaults to `False`):
+            Freeze the projector (connector / merger) weights.
+        vision_tower_lr (`float`, *optional*):
+            Learning rate of the vision tower's trainable parameters; defaults to `learning_rate`.
+        projector_lr (`float`, *optional*):
+            Learning rate of the projector's trainable parameters; defaults to `learning_rate`.
+        language_model_lr (`float`, *optional*):
+            Learning rate of the language model's trainable parameters; defaults to `learning_rate`.
+    """
+
+    lora_vision: bool = field(
+        default=False, metadata={"help": "Also put LoRA on the vision tower and projector (default: LM only)."}
+    )
+    freeze_vision_tower: bool = field(default=False, metadata={"help": "Freeze the vision tower."})
+    freeze_projector: bool = field(default=False, metadata={"help": "Freeze the projector (connector)."})
+    vision_tower_lr: float | None = field(
+        default=None, metadata={"help": "Learning rate of the vision tower; defaults to `learning_rate`."}
+    )
+    projector_lr: float | None = field(
+        default=None, metadata={"help": "Learning rate of the projector; defaults to `learning_rate`."}
+    )
+    language_model_lr: float | None = field(
+        default=None, metadata={"help": "Learning rate of the language model; defaults to `learning_rate`."}
+    )
+
+
+RECIPE_DATACLASSES = (VLMScriptArguments, SFTConfig, VLMModelConfig)
 # Keys a recipe may hold besides dataclass fields (TrlParser sets environment variables from `env`).
 EXTRA_RECIPE_KEYS = ("env",)
 
@@ -216,7 +270,7 @@ def _keys_set(recipe_path: str | None, args: list[str]) -> set[str]:
     return keys | {arg[2:].split("=", 1)[0] for arg in args if arg.startswith("--")}
 
 
-def parse_recipe(args: list[str] | None = None) -> tuple[VLMScriptArguments, SFTConfig, ModelConfig]:
+def parse_recipe(args: list[str] | None = None) -> tuple[VLMScriptArguments, SFTConfig, VLMModelConfig]:
     """Parse `[RECIPE.yaml | --config RECIPE.yaml] [--key value ...]` into our three dataclasses.
 
     The options of the recipe's task (fields of its `Task.options` dataclass) land in `script_args.task_options`;
@@ -248,6 +302,8 @@ def parse_recipe(args: list[str] | None = None) -> tuple[VLMScriptArguments, SFT
         for option in sorted({f.name for f in dataclasses.fields(option_class)} & keys_set):
             raise RecipeError(f"`{option}` is an option of task `{task_name}`, not of task `{script_args.task}`.")
     script_args.task_options = dataclasses.asdict(by_class[own_class]) if own_class is not None else {}
+    # The keys the user set (recipe file and command line), so that scripts can pick defaults for the others.
+    script_args.keys_set = keys_set
     return script_args, training_args, model_args
 
 
