@@ -3,8 +3,10 @@
 Usage:
     python scripts/make_tiny_model.py --family qwen2_vl --output DIR [--processor PROC_DIR] [--training-template]
 
-Families: see `vlm_recipes.tiny.TINY_FAMILIES`. Without `--processor` the model gets its own small tokenizer and the
-family's real chat template; with it, a real processor directory (e.g. ../shared/processors/qwen2-vl) is wrapped.
+Families (`vlm_recipes.tiny.TINY_FAMILIES`): qwen2_vl, qwen2_5_vl, qwen3_vl, smolvlm, idefics2, llava (LLaVA-1.5),
+paligemma, florence2. Without `--processor` the model gets its own small tokenizer and the family's real chat template
+(ours in the model's own format where TRL ships none); with it, a real processor directory
+(e.g. ../shared/processors/llava) is wrapped.
 """
 
 import argparse
@@ -19,7 +21,7 @@ def main():
     parser.add_argument("--output", required=True, help="Directory to write the model and processor to.")
     parser.add_argument("--processor", default=None, help="A real processor directory to wrap.")
     parser.add_argument(
-        "--training-template", action="store_true", help="Use TRL's `_training` template with generation markers."
+        "--training-template", action="store_true", help="Use the `_training` template with generation markers."
     )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

@@ -2,7 +2,7 @@
 
 Usage:
     python scripts/sft.py recipes/demo/shapes_qwen2vl.yaml [--key value ...]
-    accelerate launch scripts/sft.py recipes/<task>_<model>.yaml [--key value ...]
+    accelerate launch --config_file accelerate_configs/deepspeed_zero2.yaml scripts/sft.py recipes/chess_qwen2vl.yaml
     python scripts/sft.py --config RECIPE.yaml [--key value ...]
 
 Command-line keys override the recipe file. Keys are fields of `vlm_recipes.configs.VLMScriptArguments`,
@@ -14,12 +14,22 @@ import math
 import sys
 
 import transformers
-from trl import SFTTrainer
 
+from vlm_recipes.checkpoints import ProcessorFilesCallback, save_processor_files
 from vlm_recipes.collator import VisionChatCollator
 from vlm_recipes.configs import RecipeError, parse_recipe, resolved_recipe
+from vlm_recipes.distributed import (
+    check_launch,
+    keep_checkpoint_key_names,
+    launch_summary,
+    model_for_generation,
+    with_image_in_every_batch,
+    without_zero3_sharding,
+)
 from vlm_recipes.evaluation import evaluate_task, format_metrics_table
-from vlm_recipes.models import load_model, load_processor, peft_config_for
+from vlm_recipes.lengths import apply_data_loading_defaults, prepare_lengths, use_precomputed_lengths
+from vlm_recipes.models import VLMSFTTrainer, load_model, load_processor, peft_config_for
+from vlm_recipes.reporting import start_run_tracking
 from vlm_recipes.tasks import task_from_args
 from vlm_recipes.training import ensure_demo_inputs, load_splits, save_resolved_recipe
 
@@ -32,9 +42,13 @@ def main(script_args, training_args, model_args):
     ################
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
+    check_launch(training_args)  # N launched processes that would not train together stop here, with the fix
     # Our collator needs the raw `images` and `messages` columns; it does its own (untruncated) tokenization.
     training_args.remove_unused_columns = False
     training_args.dataset_kwargs = {**(training_args.dataset_kwargs or {}), "skip_prepare_dataset": True}
+    apply_data_loading_defaults(training_args, getattr(script_args, "keys_set", None))
+    # Run name default and W&B settings from the recipe (the environment wins); metadata and compute report below.
+    tracking = start_run_tracking(script_args, training_args, model_args)
 
     ################
     # Data
@@ -49,46 +63,47 @@ def main(script_args, training_args, model_args):
     processor = load_processor(
         model_args, script_args.min_pixels, script_args.max_pixels, training_args.trust_remote_code
     )
-    model = load_model(model_args, training_args.trust_remote_code)
+    model = load_model(model_args, training_args)  # checks, dtype, 4/8-bit, frozen parts
+    keep_checkpoint_key_names(model, model_args, training_args.trust_remote_code)  # ZeRO-3 saves renamed keys
     peft_config = peft_config_for(model, model_args)
 
     ################
-    # Collator; over-long samples are dropped up front (and counted) rather than mid-epoch
+    # Collator; sample lengths measured up front (no pixels decoded): `too_long` is applied before training (an
+    # over-long sample stops the run, or is dropped and counted) and length grouping gets its `length` column
     ################
     collator = VisionChatCollator(processor, max_length=training_args.max_length, too_long=script_args.too_long)
-    dropped = {}
-    if script_args.too_long == "drop":
-        train_dataset, dropped["train"] = collator.filter_too_long(train_dataset, "train")
-        if eval_dataset is not None:
-            eval_dataset, dropped["eval"] = collator.filter_too_long(eval_dataset, "eval")
-        for split, names in dropped.items():
-            if names:
-                logger.warning("Dropped %d %s sample(s) over max_length=%s.", len(names), split, collator.max_length)
+    train_dataset, eval_dataset, dropped = prepare_lengths(
+        script_args, training_args, collator, train_dataset, eval_dataset
+    )
+    for split, names in dropped.items():
+        if names:
+            logger.warning("Dropped %d %s sample(s) over max_length=%s.", len(names), split, collator.max_length)
 
     ################
     # Training
     ################
-    trainer = SFTTrainer(
+    trainer = VLMSFTTrainer(  # SFTTrainer + per-part learning rates, checkpointing that trains every part
+        model_args=model_args,
         model=model,
         args=training_args,
-        data_collator=collator,
+        data_collator=with_image_in_every_batch(collator, training_args),  # no process skips the vision tower
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=processor,
         peft_config=peft_config,
+        callbacks=[ProcessorFilesCallback(processor)],  # every checkpoint-*/ reloads its processor alone
     )
+    use_precomputed_lengths(trainer)  # the length-grouped sampler reads the lengths without decoding images
+    tracking.attach(trainer, processor)  # run_info.json + W&B config at the start, compute_report.json at the end
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
 
     ################
     # Save: weights or adapter, processor files, generation config, resolved recipe
     ################
     trainer.save_model(training_args.output_dir)
+    trainer.save_state()  # trainer_state.json (log history) in output_dir, not only in checkpoints
     if trainer.accelerator.is_main_process:
-        processor.save_pretrained(training_args.output_dir)
-        # transformers 5 folds the image-processor settings into processor_config.json; tools that read
-        # preprocessor_config.json (older transformers, vLLM, TGI) still find it.
-        processor.image_processor.save_pretrained(training_args.output_dir)
-        trainer.model.generation_config.save_pretrained(training_args.output_dir)
+        save_processor_files(training_args.output_dir, processor, trainer.model.generation_config)
         save_resolved_recipe(resolved_recipe(script_args, training_args, model_args), training_args.output_dir)
 
     ################
@@ -101,13 +116,15 @@ def main(script_args, training_args, model_args):
     total_dropped = sum(len(names) for names in dropped.values()) + collator.num_dropped
     if trainer.accelerator.is_main_process:
         print(f"final loss: {final_loss:.4f} (steps: {trainer.state.global_step})")
+        print(f"processes: {launch_summary(trainer)}")
         print(f"too-long samples dropped: {total_dropped} (max_length={training_args.max_length})")
         print(f"malformed rows skipped: {len(bad_rows.skipped)}")
         if bad_rows.skipped:
             print(bad_rows.summary())
         print(f"saved to: {training_args.output_dir}")
         if script_args.verify_saved_model:
-            verify_saved_model(training_args.output_dir, bool(peft_config))
+            with without_zero3_sharding():  # a whole model on this process alone, even after ZeRO-3
+                verify_saved_model(training_args.output_dir, bool(peft_config))
 
     ################
     # Evaluate by generation on the held-out split
@@ -116,19 +133,21 @@ def main(script_args, training_args, model_args):
         (test_dataset,), _ = load_splits(
             script_args, [script_args.generation_split], limits=[script_args.generation_max_samples]
         )
-        metrics = evaluate_task(
-            trainer.accelerator.unwrap_model(trainer.model),
-            processor,
-            task_from_args(script_args),
-            test_dataset,
-            training_args.output_dir,
-            batch_size=training_args.per_device_eval_batch_size,
-            max_new_tokens=script_args.max_new_tokens,
-            temperature=script_args.temperature,
-            do_sample=script_args.do_sample,
-        )
+        with without_zero3_sharding():  # ZeRO-3/FSDP: the saved model, reloaded whole; generation on this process
+            metrics = evaluate_task(
+                model_for_generation(trainer, training_args.output_dir, training_args.trust_remote_code),
+                processor,
+                task_from_args(script_args),
+                test_dataset,
+                training_args.output_dir,
+                batch_size=training_args.per_device_eval_batch_size,
+                max_new_tokens=script_args.max_new_tokens,
+                temperature=script_args.temperature,
+                do_sample=script_args.do_sample,
+            )
         print(f"evaluation on {script_args.generation_split!r} by generation:")
         print(format_metrics_table(metrics))
+    tracking.finish()  # closes the W&B run, if any, with the evaluation in it
 
 
 def verify_saved_model(output_dir, is_adapter):

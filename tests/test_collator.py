@@ -8,7 +8,7 @@ from PIL import Image
 from transformers import AutoProcessor
 
 from vlm_recipes.collator import IGNORE_INDEX, LabelReason, VisionChatCollator
-from vlm_recipes.tiny import TINY_FAMILIES, trl_chat_template
+from vlm_recipes.tiny import trl_chat_template
 
 from conftest import real_processor_dir, requires_real_processor
 
@@ -20,7 +20,20 @@ REAL_PROCESSORS = {
     "smolvlm": ("smolvlm", {"do_image_splitting": False}),
     "llava": ("llava", {}),
 }
-TINY_KIND = {"qwen2_vl": "qwen", "qwen2_5_vl": "qwen", "smolvlm": "smolvlm"}
+# Tiny families that render whole conversations (PaliGemma and Florence-2 take one prompt and one answer, no
+# multi-turn or text-only rows: tests/test_families.py checks their labels).
+TINY_KIND = {
+    "qwen2_vl": "qwen",
+    "qwen2_5_vl": "qwen",
+    "qwen3_vl": "qwen",
+    "smolvlm": "smolvlm",
+    "idefics2": "smolvlm",
+    "llava": "llava",
+}
+# Tiny templates with generation markers whose marker mask is comparable: LLaVA-1.5's answers get an eos appended by
+# the collator, which the markers do not cover, and Idefics2's legacy processor gives transformers no replacement
+# offsets, so its marker mask is misplaced (tests/test_families.py checks Idefics2's labels).
+MARKER_FAMILIES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "smolvlm")
 
 
 def image(width, height, colour="red"):
@@ -126,7 +139,7 @@ def real_processor(name):
 
 
 class TestLabelsTinyFamilies:
-    @pytest.mark.parametrize("family", sorted(TINY_FAMILIES))
+    @pytest.mark.parametrize("family", sorted(TINY_KIND))
     def test_assistant_only_mixed_batch(self, family, tiny_model_dirs):
         processor = tiny_processor(tiny_model_dirs, family)
         examples = conversations()
@@ -134,7 +147,7 @@ class TestLabelsTinyFamilies:
         check_labels(processor, TINY_KIND[family], examples, batch)
         check_image_token_counts(processor, examples, batch)
 
-    @pytest.mark.parametrize("family", sorted(TINY_FAMILIES))
+    @pytest.mark.parametrize("family", sorted(TINY_KIND))
     def test_text_only_batch(self, family, tiny_model_dirs):
         processor = tiny_processor(tiny_model_dirs, family)
         examples = [conversations()[2]] * 2
@@ -232,7 +245,7 @@ def assert_spans_match_markers(processor):
 class TestAgreesWithGenerationMarkers:
     """Where a template has generation markers, our marker-free spans equal `return_assistant_tokens_mask`."""
 
-    @pytest.mark.parametrize("family", sorted(TINY_FAMILIES))
+    @pytest.mark.parametrize("family", MARKER_FAMILIES)
     def test_tiny_training_templates(self, family, tiny_training_template_dirs):
         processor = AutoProcessor.from_pretrained(tiny_training_template_dirs[family])
         assert re.search(r"{%-? generation -?%}", processor.chat_template)

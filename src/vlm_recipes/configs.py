@@ -165,6 +165,9 @@ class VLMModelConfig(ModelConfig):
             Learning rate of the projector's trainable parameters; defaults to `learning_rate`.
         language_model_lr (`float`, *optional*):
             Learning rate of the language model's trainable parameters; defaults to `learning_rate`.
+        use_bnb_nested_quant (`bool`, defaults to `True`):
+            TRL's key, default changed: 4-bit QLoRA uses double quantisation (and NF4, TRL's default
+            `bnb_4bit_quant_type`), so `--use_peft true --load_in_4bit true` is the QLoRA of the paper.
     """
 
     lora_vision: bool = field(
@@ -181,6 +184,15 @@ class VLMModelConfig(ModelConfig):
     language_model_lr: float | None = field(
         default=None, metadata={"help": "Learning rate of the language model; defaults to `learning_rate`."}
     )
+    use_bnb_nested_quant: bool = field(
+        default=True, metadata={"help": "Double quantisation of 4-bit weights (QLoRA default here)."}
+    )
+
+    def __post_init__(self):
+        from .models import check_model_args  # clearer messages than TRL's; the checks live with the model code
+
+        check_model_args(self)
+        super().__post_init__()
 
 
 RECIPE_DATACLASSES = (VLMScriptArguments, SFTConfig, VLMModelConfig)
@@ -204,7 +216,13 @@ def valid_recipe_keys() -> set[str]:
     return fields | set(EXTRA_RECIPE_KEYS)
 
 
+# Keys that older transformers had, and what stands for them now.
+RENAMED_KEYS = {"group_by_length": "train_sampling_strategy: group_by_length (or random)"}
+
+
 def _unknown_key_error(key: str, where: str) -> RecipeError:
+    if key in RENAMED_KEYS:
+        return RecipeError(f"Unknown key `{key}` in {where}; transformers 5 names it `{RENAMED_KEYS[key]}`.")
     valid = sorted(valid_recipe_keys())
     # A truncated or extended name (`lora_rank` for `lora_r`) is the likeliest typo; then the closest spelling.
     prefixed = [name for name in valid if key.startswith(name) or name.startswith(key)]

@@ -123,7 +123,9 @@ def build_dataset(rows: list[dict[str, Any]]):
         for row in rows
     ]
     dataset = datasets.Dataset.from_list(records)
-    dataset = dataset.cast_column("images", datasets.List(datasets.Image()))
+    # Images are decoded by our transform, once each: `datasets` 5.2 decodes the first image of every `List(Image())`
+    # row twice (once only to test whether decoding changes it, in `features.decode_nested_example`).
+    dataset = dataset.cast_column("images", datasets.List(datasets.Image(decode=False)))
     # Messages and the task's extra fields are stored as JSON text (their shapes vary from row to row, which Arrow
     # would pad with nulls) and parsed back on access.
     return dataset.with_transform(_decode_json_columns)
@@ -138,6 +140,11 @@ def _jsonable(value: Any) -> Any:
 
 
 def _decode_json_columns(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    if "images" in batch:  # `datasets.Image` storage dicts -> PIL images (EXIF rotation applied, as datasets does)
+        import datasets
+
+        feature = datasets.Image()
+        batch["images"] = [[feature.decode_example(image) for image in images or []] for images in batch["images"]]
     batch["messages"] = [json.loads(messages) for messages in batch["messages"]]
     extras = [json.loads(extra) for extra in batch.pop("extra")]
     for key in sorted({key for extra in extras for key in extra}):

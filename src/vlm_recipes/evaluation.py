@@ -13,7 +13,9 @@ from typing import Any
 
 import torch
 
+from .chat_templates import fill_missing_chat_template
 from .collator import normalize_messages, special_tokens_kwargs
+from .reporting import log_evaluation
 from .tasks.base import Task
 
 logger = logging.getLogger(__name__)
@@ -62,6 +64,8 @@ def load_for_generation(model_path: str | Path, base_model: str | None = None, t
     else:
         model = AutoModelForImageTextToText.from_pretrained(model_path, trust_remote_code=trust_remote_code)
         processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    # Florence-2's processor drops a saved chat template on reload; PaliGemma ships none.
+    fill_missing_chat_template(processor)
     model.eval()
     return model, processor
 
@@ -101,7 +105,9 @@ def generate_answers(
         output = model.generate(
             **inputs, max_new_tokens=max_new_tokens, pad_token_id=processor.tokenizer.pad_token_id, **sampling
         )
-        new_tokens = output[:, inputs["input_ids"].shape[1] :]
+        # A decoder-only model returns prompt + answer; an encoder-decoder (Florence-2) returns the answer only.
+        is_encoder_decoder = getattr(model.config, "is_encoder_decoder", False)
+        new_tokens = output if is_encoder_decoder else output[:, inputs["input_ids"].shape[1] :]
         answers.extend(processor.batch_decode(new_tokens, skip_special_tokens=True))
     return answers
 
@@ -153,6 +159,7 @@ def evaluate_task(
             writer.writerow([row.get("id"), target, prediction, *(score.get(key, "") for key in score_keys)])
     os.replace(temporary, output_dir / "predictions.csv")
     write_json_atomically({"task": task.name, "metrics": metrics}, output_dir / "metrics.json")
+    log_evaluation(task, rows, targets, predictions, scores, metrics)  # into the W&B run, when one is active
     return metrics
 
 

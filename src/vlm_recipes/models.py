@@ -1,22 +1,169 @@
-"""Model and processor loading: `AutoModelForImageTextToText` + `AutoProcessor`, 4-bit/8-bit, LoRA targets."""
+"""Model and processor loading, and what a recipe decides about the model's parts.
+
+- Loading: `AutoModelForImageTextToText` + `AutoProcessor`, with the recipe's `dtype`, `attn_implementation`,
+  `trust_remote_code`; 4-bit (NF4, double quantisation, compute dtype = training dtype) or 8-bit bitsandbytes.
+- LoRA targets per part (`peft_config_for`): the language model's linear layers by default; the vision tower and
+  projector only with `lora_vision: true`. Targets come from the family registry's module layout
+  (`vlm_recipes.families`), never from bare layer names, which also match vision blocks (Qwen2.5-VL's `gate_proj`).
+- Freezing (`freeze_vision_tower`, `freeze_projector`) and per-part learning rates (optimizer parameter groups,
+  `VLMSFTTrainer`).
+- Gradient checkpointing that trains frozen-input parts and LoRA under DeepSpeed ZeRO-3 too.
+- Early checks with the fix in the message (`check_model_args`, `check_training_setup`,
+  `check_quantization_for_zero3`).
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import re
+from collections.abc import Iterable
 
 import torch
-from trl import ModelConfig, get_peft_config, get_quantization_config
+from trl import ModelConfig, SFTTrainer, get_peft_config
+
+from .chat_templates import fill_missing_chat_template
+from .families import UnknownFamilyError, detect_family, family_of_model
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["language_model_lora_targets", "load_model", "load_processor", "peft_config_for"]
+__all__ = [
+    "VLMSFTTrainer",
+    "check_model_args",
+    "check_quantization_for_zero3",
+    "check_training_setup",
+    "deepspeed_zero_stage",
+    "freeze_parts",
+    "load_model",
+    "load_processor",
+    "lora_target_modules_for",
+    "part_learning_rates",
+    "part_parameter_groups",
+    "peft_config_for",
+    "quantization_config_for",
+    "training_dtype",
+    "use_reentrant_checkpointing",
+]
 
-# Linear layers of a decoder block; the vision tower has layers of the same names (e.g. Qwen2.5-VL's `gate_proj`),
-# so targets are anchored on the language model's prefix, not matched by bare name.
-DECODER_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PARTS = ("vision", "projector", "language")  # the family registry's part names (`ModelFamily.part_of`)
+ALL_LINEAR = "all-linear"  # PEFT's shorthand; here it means "every linear layer of the parts that get LoRA"
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_QUANT_STORAGE_DTYPES = ("uint8", "bfloat16", "float16", "float32")
+_PART_LR_KEYS = {"vision": "vision_tower_lr", "projector": "projector_lr", "language": "language_model_lr"}
+_PART_NAMES = {"vision": "vision tower", "projector": "projector", "language": "language model"}
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# Checks
+# --------------------------------------------------------------------------------------------------------------------
+def check_model_args(model_args: ModelConfig) -> None:
+    """Reject contradictory model keys with a message that says what to set. Runs when the recipe is parsed.
+
+    TRL's own check for 4-bit + 8-bit (in `ModelConfig.__post_init__`) does not say what to do; this runs first.
+    """
+    if model_args.load_in_4bit and model_args.load_in_8bit:
+        raise ValueError(
+            "`load_in_4bit` and `load_in_8bit` are both true; set only one: `load_in_4bit: true` for QLoRA "
+            "(NF4, double quantisation) or `load_in_8bit: true`."
+        )
+    quantized_key = "load_in_4bit" if model_args.load_in_4bit else "load_in_8bit" if model_args.load_in_8bit else None
+    if quantized_key and not model_args.use_peft:
+        raise ValueError(
+            f"`{quantized_key}: true` quantises the base model, whose weights cannot then be fully fine-tuned: set "
+            f"`use_peft: true` (QLoRA: `--use_peft true --{quantized_key} true`) or drop `{quantized_key}`."
+        )
+    storage = model_args.bnb_4bit_quant_storage
+    if storage is not None and storage not in _QUANT_STORAGE_DTYPES:
+        raise ValueError(f"`bnb_4bit_quant_storage: {storage}` is not one of {_QUANT_STORAGE_DTYPES}.")
+    for key in _PART_LR_KEYS.values():
+        value = getattr(model_args, key, None)
+        if value is not None and value < 0:
+            raise ValueError(f"`{key}: {value}` is negative; set a learning rate >= 0 or leave it unset.")
+
+
+def deepspeed_zero_stage(training_args) -> int | None:
+    """The DeepSpeed ZeRO stage of this run, or None without DeepSpeed.
+
+    `TrainingArguments` builds `deepspeed_plugin` from `--deepspeed CONFIG` or, under `accelerate launch` with a
+    DeepSpeed accelerate config, from the environment (`ACCELERATE_USE_DEEPSPEED`, `ACCELERATE_DEEPSPEED_ZERO_STAGE`,
+    `ACCELERATE_DEEPSPEED_CONFIG_FILE`); its `zero_stage` is the stage of the DeepSpeed config, or the environment's.
+    The environment is read directly only for arguments without a plugin.
+    """
+    plugin = getattr(training_args, "deepspeed_plugin", None)
+    if plugin is not None:
+        return int(plugin.zero_stage)
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes"):
+        return int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))
+    return None
+
+
+def _deepspeed_config(training_args) -> dict | None:
+    hf_config = getattr(training_args, "hf_deepspeed_config", None)
+    if hf_config is not None:
+        return hf_config.config
+    plugin = getattr(training_args, "deepspeed_plugin", None)
+    return getattr(plugin, "deepspeed_config", None) if plugin is not None else None
+
+
+def training_dtype(model_args: ModelConfig, training_args=None) -> torch.dtype:
+    """The dtype the forward pass computes in: the 4-bit compute dtype.
+
+    An explicit half-precision `dtype` (the weights' dtype) wins; otherwise mixed precision decides (`bf16` / `fp16`
+    of the training arguments, as TRL's `SFTConfig` defaults `bf16` to true); otherwise float32.
+    """
+    if model_args.dtype in ("bfloat16", "float16"):
+        return _DTYPES[model_args.dtype]
+    if training_args is not None and getattr(training_args, "bf16", False):
+        return torch.bfloat16
+    if training_args is not None and getattr(training_args, "fp16", False):
+        return torch.float16
+    return torch.float32
+
+
+def check_quantization_for_zero3(model_args: ModelConfig, training_args) -> None:
+    """Stop a quantised run that DeepSpeed ZeRO-3 cannot shard, saying what to set.
+
+    ZeRO-3 flattens and shards every parameter in one dtype, and casts the model to the training dtype; 4-bit
+    weights survive that only when they are stored in the compute dtype (`bnb_4bit_quant_storage` = compute dtype;
+    see the accelerate guide "DeepSpeed and FSDP with QLoRA"). An unset `bnb_4bit_quant_storage` is not an error:
+    `quantization_config_for` then stores in the compute dtype. 8-bit weights (int8) cannot be stored that way.
+    Does nothing without quantisation or below ZeRO-3.
+    """
+    if not (model_args.load_in_4bit or model_args.load_in_8bit) or deepspeed_zero_stage(training_args) != 3:
+        return
+    compute = str(training_dtype(model_args, training_args)).removeprefix("torch.")
+    if model_args.load_in_8bit:
+        raise ValueError(
+            "`load_in_8bit: true` cannot be sharded by DeepSpeed ZeRO-3 (int8 weights); use `load_in_4bit: true` "
+            f"with `bnb_4bit_quant_storage: {compute}`, or ZeRO-2 (deepspeed/zero2.json)."
+        )
+    storage = model_args.bnb_4bit_quant_storage
+    if storage is not None and storage != compute:
+        raise ValueError(
+            f"DeepSpeed ZeRO-3 with `load_in_4bit: true` needs `bnb_4bit_quant_storage` equal to the compute dtype "
+            f"({compute}, from `dtype`/`bf16`/`fp16`), got `{storage}`: set `bnb_4bit_quant_storage: {compute}` "
+            "(or leave it unset), or train with ZeRO-2."
+        )
+
+
+def check_training_setup(model_args: ModelConfig, training_args) -> None:
+    """Checks that need both the model keys and the training arguments; `load_model` runs them before loading."""
+    check_model_args(model_args)
+    check_quantization_for_zero3(model_args, training_args)
+    part_lrs = {key: value for key, value in part_learning_rates(model_args).items() if value is not None}
+    ds_config = _deepspeed_config(training_args)
+    if part_lrs and ds_config is not None and "optimizer" in ds_config:
+        keys = ", ".join(f"`{_PART_LR_KEYS[part]}`" for part in part_lrs)
+        raise ValueError(
+            f"{keys} need the Trainer's optimizer (parameter groups per part), but the DeepSpeed config "
+            f"{getattr(training_args, 'deepspeed', None) or ''} has an `optimizer` section, which would replace it: "
+            "remove that section (the Trainer's `optim` is used) or drop the per-part learning rates."
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------------------------
 def load_processor(
     model_args: ModelConfig,
     min_pixels: int | None = None,
@@ -39,65 +186,504 @@ def load_processor(
     if processor.tokenizer.pad_token is None:
         processor.tokenizer.pad_token = processor.tokenizer.eos_token
         logger.info("The tokenizer has no pad token; padding with eos %r.", processor.tokenizer.eos_token)
+    fill_missing_chat_template(processor)  # PaliGemma, Florence-2 ship none (vlm_recipes.chat_templates)
     return processor
 
 
-def _quantized_device_map() -> dict[str, int] | None:
-    """Quantized weights must be placed at load time: each process puts the whole model on its own GPU."""
+def quantization_config_for(model_args: ModelConfig, training_args=None):
+    """The `BitsAndBytesConfig` of the recipe, or None without `load_in_4bit` / `load_in_8bit`.
+
+    Ours rather than TRL's `get_quantization_config`, which passes the `dtype` string ("float32", "auto") as the
+    compute dtype: here the compute dtype is the training dtype (`training_dtype`), and under ZeRO-3 an unset
+    `bnb_4bit_quant_storage` becomes that dtype (see `check_quantization_for_zero3`).
+    """
+    from transformers import BitsAndBytesConfig
+
+    if model_args.load_in_4bit:
+        compute = training_dtype(model_args, training_args)
+        storage = model_args.bnb_4bit_quant_storage
+        if storage is None and training_args is not None and deepspeed_zero_stage(training_args) == 3:
+            storage = str(compute).removeprefix("torch.")
+            logger.info("DeepSpeed ZeRO-3: storing 4-bit weights as %s (`bnb_4bit_quant_storage`).", storage)
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=model_args.use_bnb_nested_quant,
+            bnb_4bit_compute_dtype=compute,
+            bnb_4bit_quant_storage=storage or "uint8",
+        )
+    if model_args.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def _quantized_device_map(training_args) -> dict[str, int | str] | None:
+    """bitsandbytes quantises weights as they are placed, so they are placed at load time: each process puts the
+    whole model on its own GPU (DDP and ZeRO shard later). Without CUDA, None lets the quantizer place it on CPU."""
+    if training_args is not None and getattr(training_args, "use_cpu", False):
+        return {"": "cpu"} if torch.cuda.is_available() else None
     if not torch.cuda.is_available():
+        return None
+    # ZeRO-3 and FSDP place (and shard) the weights themselves; transformers refuses a device_map under ZeRO-3.
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    fsdp = bool(training_args is not None and getattr(training_args, "fsdp", None))
+    fsdp = fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+    if is_deepspeed_zero3_enabled() or fsdp:
         return None
     from accelerate import PartialState
 
     return {"": PartialState().local_process_index}
 
 
-def load_model(model_args: ModelConfig, trust_remote_code: bool = False):
+def load_model(model_args: ModelConfig, training_args=None):
+    """`AutoModelForImageTextToText` with the recipe's dtype, attention, quantisation and frozen parts.
+
+    `training_args` (the run's `SFTConfig`) gives `trust_remote_code`, the training dtype (4-bit compute dtype) and
+    the DeepSpeed set-up; the checks of `check_training_setup` run before anything loads.
+    """
     from transformers import AutoModelForImageTextToText
 
-    dtype = model_args.dtype if model_args.dtype in ("auto", None) else getattr(torch, model_args.dtype)
-    quantization_config = get_quantization_config(model_args)
+    trust_remote_code = bool(getattr(training_args, "trust_remote_code", False))
+    if training_args is not None:
+        check_training_setup(model_args, training_args)
+    try:
+        family = detect_family(model_args.model_name_or_path)
+    except UnknownFamilyError:
+        family = None  # loading works for any model; what needs the parts says so (peft_config_for, freeze_parts)
+    if family is not None and family.trust_remote_code and not trust_remote_code:
+        raise ValueError(
+            f"{model_args.model_name_or_path} ({family.name}) needs remote code: set `trust_remote_code: true`."
+        )
+    if getattr(model_args, "lora_vision", False) and not model_args.use_peft:
+        logger.warning(
+            "`lora_vision: true` has no effect without `use_peft: true`; in full fine-tuning the vision tower and "
+            "projector train unless `freeze_vision_tower` / `freeze_projector` are set."
+        )
+
+    dtype = model_args.dtype if model_args.dtype in ("auto", None) else _DTYPES[model_args.dtype]
+    quantization_config = quantization_config_for(model_args, training_args)
     model = AutoModelForImageTextToText.from_pretrained(
         model_args.model_name_or_path,
         revision=model_args.model_revision,
         trust_remote_code=trust_remote_code,
         attn_implementation=model_args.attn_implementation,
         dtype=dtype,
-        device_map=_quantized_device_map() if quantization_config is not None else None,
+        device_map=_quantized_device_map(training_args) if quantization_config is not None else None,
         quantization_config=quantization_config,
     )
+    if quantization_config is not None:
+        # No `peft.prepare_model_for_kbit_training` (TRL's SFTTrainer no longer calls it either): it upcasts every
+        # non-quantised weight (embeddings, norms, the whole vision stem) to float32, which costs memory and breaks
+        # the single dtype ZeRO-3 needs; input gradients and checkpointing are set up by `VLMSFTTrainer`. Note that
+        # TRL casts the trainable (LoRA) weights of a quantised model to bfloat16, as the QLoRA paper does.
+        logger.info("Loaded %s quantised: %s.", type(model).__name__, _quantization_summary(quantization_config))
+    freeze_parts(model, model_args)
     return model
 
 
-def _language_model_prefix(model) -> str:
-    inner = getattr(model, "model", model)
-    for name in ("language_model", "text_model"):
-        if hasattr(inner, name):
-            return f"model.{name}" if inner is not model else name
-    raise ValueError(
-        f"Cannot find the language model inside {type(model).__name__} (no `language_model` or `text_model`); "
-        "set `lora_target_modules` in the recipe."
-    )
+def _quantization_summary(config) -> str:
+    if config.load_in_4bit:
+        return (
+            f"4-bit {config.bnb_4bit_quant_type}, double quantisation {config.bnb_4bit_use_double_quant}, compute "
+            f"{config.bnb_4bit_compute_dtype}, storage {config.bnb_4bit_quant_storage}"
+        )
+    return "8-bit"
 
 
-def language_model_lora_targets(model) -> str:
-    """A PEFT `target_modules` regex for the decoder linear layers of the language model only."""
-    prefix = _language_model_prefix(model)
-    names = sorted(
-        {
-            name.rsplit(".", 1)[-1]
-            for name, module in model.named_modules()
-            if name.startswith(prefix + ".") and isinstance(module, torch.nn.Linear)
-        }
-        & set(DECODER_LINEAR_NAMES)
+# --------------------------------------------------------------------------------------------------------------------
+# Parts: freezing, LoRA targets
+# --------------------------------------------------------------------------------------------------------------------
+def _frozen_parts(model_args: ModelConfig) -> set[str]:
+    frozen = set()
+    if getattr(model_args, "freeze_vision_tower", False):
+        frozen.add("vision")
+    if getattr(model_args, "freeze_projector", False):
+        frozen.add("projector")
+    return frozen
+
+
+def freeze_parts(model, model_args: ModelConfig) -> dict[str, int]:
+    """Set `requires_grad=False` on the parts the recipe freezes; returns {part: frozen parameter count}.
+
+    This is what freezing means in full fine-tuning. With LoRA every base weight is frozen anyway, and a frozen part
+    gets no LoRA either (`lora_target_modules_for`).
+    """
+    frozen_parts = _frozen_parts(model_args)
+    if not frozen_parts:
+        return {}
+    family = family_of_model(model)
+    counts = dict.fromkeys(sorted(frozen_parts), 0)
+    tensors = dict.fromkeys(sorted(frozen_parts), 0)
+    for name, parameter in model.named_parameters():
+        part = family.part_of(name)
+        if part in frozen_parts:
+            parameter.requires_grad_(False)
+            counts[part] += _parameter_count(parameter)
+            tensors[part] += 1
+    for part, count in tensors.items():
+        if count == 0:
+            raise ValueError(
+                f"`{'freeze_vision_tower' if part == 'vision' else 'freeze_projector'}: true` but {family.name} has no "
+                f"{_PART_NAMES[part]} parameters under {getattr(family, f'{part}_prefixes')}; fix the family entry "
+                "in vlm_recipes.families."
+            )
+    logger.info(
+        "Frozen: %s.", ", ".join(f"{_PART_NAMES[part]} ({count:,} parameters)" for part, count in counts.items())
     )
-    if not names:
-        raise ValueError(f"No linear layers named {DECODER_LINEAR_NAMES} under `{prefix}`; set `lora_target_modules`.")
-    return rf"^{re.escape(prefix)}\..*\.({'|'.join(names)})$"
+    return counts
+
+
+def _lora_parts(model_args: ModelConfig) -> set[str]:
+    """The parts that may get LoRA: the language model, plus the vision tower and projector with `lora_vision`
+    unless the recipe freezes them."""
+    parts = {"language"}
+    if getattr(model_args, "lora_vision", False):
+        parts |= {"vision", "projector"} - _frozen_parts(model_args)
+    return parts
+
+
+def _name_pattern(module_name: str) -> str:
+    """`model.layers.3.mlp.up_proj` -> `model\\.layers\\.\\d+\\.mlp\\.up_proj`: one pattern for every block."""
+    return r"\.".join(r"\d+" if segment.isdigit() else re.escape(segment) for segment in module_name.split("."))
+
+
+def _exact_regex(chosen: Iterable[str], all_names: list[str]) -> str:
+    """A regex (PEFT full-matches a string `target_modules`) that matches exactly `chosen` among `all_names`.
+
+    Layer indices are folded into `\\d+`, so the regex stays short for deep models; a folded pattern that would
+    also match an unchosen module (e.g. an activation `mlp.1` between `mlp.0` and `mlp.2`) is spelled out instead.
+    """
+    chosen = list(dict.fromkeys(chosen))
+    chosen_set = set(chosen)
+    by_pattern: dict[str, list[str]] = {}
+    for name in chosen:
+        by_pattern.setdefault(_name_pattern(name), []).append(name)
+    alternatives = []
+    for pattern, members in by_pattern.items():
+        compiled = re.compile(pattern)
+        if all(name in chosen_set for name in all_names if compiled.fullmatch(name)):
+            alternatives.append(pattern)
+        else:
+            alternatives.extend(re.escape(member) for member in members)
+    # Siblings share their parent: `layers\.\d+\.mlp\.(?:gate_proj|up_proj)`.
+    by_parent: dict[str, list[str]] = {}
+    for alternative in alternatives:
+        parent, _, leaf = alternative.rpartition(r"\.")
+        by_parent.setdefault(parent, []).append(leaf)
+    pieces = []
+    for parent, leaves in by_parent.items():
+        leaf = leaves[0] if len(leaves) == 1 else f"(?:{'|'.join(leaves)})"
+        pieces.append(rf"{parent}\.{leaf}" if parent else leaf)
+    regex = "|".join(pieces)
+    matched = {name for name in all_names if re.fullmatch(regex, name)}
+    if matched != chosen_set:  # cannot happen by construction; a wrong adapter would be worse than a crash
+        raise AssertionError(f"LoRA target regex mismatch: {sorted(matched ^ chosen_set)[:5]}")
+    return regex
+
+
+def _explicit_targets(model, targets, modules_to_save) -> list[str]:
+    """Module names that `lora_target_modules` selects, matched the way PEFT matches them."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    # TRL turns a one-item list into a string, which PEFT reads as a regex that a bare name (`q_proj`) never
+    # full-matches; a plain name stays a name here.
+    if isinstance(targets, str) and re.fullmatch(r"[\w\-]+", targets):
+        targets = [targets]
+    config = LoraConfig(target_modules=targets, modules_to_save=modules_to_save)
+    # PEFT returns True or a regex match for a target, and a falsy marker for an excluded module.
+    return [name for name, _ in model.named_modules() if name and check_target_module_exists(config, name)]
+
+
+def lora_target_modules_for(model, model_args: ModelConfig) -> str:
+    """PEFT `target_modules` for the recipe: a regex that names exactly the chosen modules of `model`.
+
+    - Parts: the language model; the vision tower and projector only with `lora_vision: true` (and not frozen).
+    - Layers: every linear layer of those parts (bitsandbytes' `Linear4bit`/`Linear8bitLt` included, they subclass
+      `torch.nn.Linear`) except the output head, when `lora_target_modules` is unset or `all-linear`. PEFT's own
+      `all-linear` would also take the vision tower's layers; here it means all linear layers of the chosen parts.
+    - An explicit `lora_target_modules` (names or a regex, PEFT's matching) picks layers within those parts: matches
+      in other parts are left out with a warning (bare names like `gate_proj` also hit Qwen2.5-VL's vision blocks).
+    """
+    family = family_of_model(model)
+    output_embeddings = model.get_output_embeddings()
+    named_modules = dict(model.named_modules())
+    all_names = [name for name in named_modules if name]
+    parts = _lora_parts(model_args)
+    requested = model_args.lora_target_modules
+    if requested is None or requested == ALL_LINEAR or requested == [ALL_LINEAR]:
+        saved = model_args.lora_modules_to_save or []
+        candidates = [
+            name
+            for name, module in named_modules.items()
+            if isinstance(module, torch.nn.Linear)
+            and module is not output_embeddings
+            # a module trained in full (`lora_modules_to_save`) cannot also hold an adapter; PEFT's matching
+            and not any(re.match(rf"(^|.*\.){saved_name}($|\..*)", name) for saved_name in saved)
+        ]
+        source = "all linear layers"
+    else:
+        candidates = _explicit_targets(model, requested, model_args.lora_modules_to_save)
+        source = f"`lora_target_modules: {requested}`"
+        if not candidates:
+            raise ValueError(f"{source} matches no module of {type(model).__name__}; check the layer names.")
+        head = [name for name in candidates if named_modules[name] is output_embeddings]
+        if head:
+            logger.warning(
+                "%s matches the output head %s: left out (train it with `lora_modules_to_save`).", source, head
+            )
+            candidates = [name for name in candidates if name not in head]
+
+    chosen = [name for name in candidates if family.part_of(name) in parts]
+    left_out: dict[str, int] = {}
+    for name in candidates:
+        part = family.part_of(name)
+        if part not in parts:
+            left_out[str(part)] = left_out.get(str(part), 0) + 1
+    if not chosen:
+        raise ValueError(
+            f"{source} selects no layer in the parts that get LoRA ({', '.join(sorted(parts))}) of {family.name}: "
+            "set `lora_target_modules` to layers of the language model, or `lora_vision: true` for vision layers."
+        )
+    by_part = {part: sum(1 for name in chosen if family.part_of(name) == part) for part in PARTS}
+    logger.info(
+        "LoRA on %s: %s.",
+        source,
+        ", ".join(f"{count} module(s) in the {_PART_NAMES[part]}" for part, count in by_part.items() if count),
+    )
+    if left_out:
+        message = ", ".join(
+            f"{count} in the {_PART_NAMES.get(part, 'rest of the model')}" for part, count in left_out.items()
+        )
+        why = "the vision tower and projector get LoRA only with `lora_vision: true`, and not when frozen"
+        if requested is None or requested == ALL_LINEAR or requested == [ALL_LINEAR]:
+            logger.info("No LoRA on %d linear layers (%s): %s.", sum(left_out.values()), message, why)
+        else:
+            logger.warning("%s also matches %s, left out: %s.", source, message, why)
+    return _exact_regex(chosen, all_names)
 
 
 def peft_config_for(model, model_args: ModelConfig):
-    """TRL's LoRA config, with targets defaulting to the language model's decoder layers (never the vision tower)."""
+    """TRL's LoRA config from the recipe, with targets chosen per part (`lora_target_modules_for`)."""
     peft_config = get_peft_config(model_args)
-    if peft_config is not None and model_args.lora_target_modules is None:
-        peft_config.target_modules = language_model_lora_targets(model)
+    if peft_config is None:
+        return None
+    if model_args.lora_target_parameters is not None and model_args.lora_target_modules is None:
+        logger.info("LoRA on `lora_target_parameters` only: %s.", model_args.lora_target_parameters)
+        return peft_config
+    try:
+        peft_config.target_modules = lora_target_modules_for(model, model_args)
+    except UnknownFamilyError:
+        if model_args.lora_target_modules is None or model_args.lora_target_modules == ALL_LINEAR:
+            raise
+        logger.warning(
+            "Unknown model family: `lora_target_modules: %s` is passed to PEFT unchecked (it may reach the vision "
+            "tower). Add the family to vlm_recipes.families to target by part.",
+            model_args.lora_target_modules,
+        )
     return peft_config
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Optimizer parameter groups per part
+# --------------------------------------------------------------------------------------------------------------------
+def part_learning_rates(model_args: ModelConfig) -> dict[str, float | None]:
+    """{part: the recipe's learning rate for it, or None for `learning_rate`}."""
+    return {part: getattr(model_args, key, None) for part, key in _PART_LR_KEYS.items()}
+
+
+def part_parameter_groups(
+    model,
+    model_args: ModelConfig,
+    learning_rate: float,
+    weight_decay: float,
+    decay_parameter_names: Iterable[str],
+) -> list[dict]:
+    """Optimizer parameter groups of the trainable parameters: one per (part, decay or not), each with its part's lr.
+
+    Weight decay follows the Trainer's split (`decay_parameter_names`, from `Trainer.get_decay_parameter_names`: no
+    decay for biases and norms). Parameters outside the three parts use `learning_rate`. Empty groups are left out.
+    """
+    family = family_of_model(model)
+    rates = part_learning_rates(model_args)
+    decay = set(decay_parameter_names)
+    groups: dict[tuple[str, bool], list] = {}
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            groups.setdefault((family.part_of(name) or "other", name in decay), []).append(parameter)
+    parameter_groups = []
+    for part in (*PARTS, "other"):
+        lr = rates.get(part)
+        for with_decay in (True, False):
+            parameters = groups.get((part, with_decay))
+            if parameters:
+                parameter_groups.append(
+                    {
+                        "params": parameters,
+                        "weight_decay": weight_decay if with_decay else 0.0,
+                        "lr": learning_rate if lr is None else lr,
+                    }
+                )
+    return parameter_groups
+
+
+def _parameter_count(parameter) -> int:
+    """Weights of a parameter: a bitsandbytes 4-bit parameter packs two per byte and keeps its shape aside; a
+    ZeRO-3 partitioned parameter is empty here and keeps its size as `ds_numel`."""
+    if getattr(parameter, "ds_numel", None) is not None:
+        return int(parameter.ds_numel)
+    quant_state = getattr(parameter, "quant_state", None)
+    shape = getattr(quant_state, "shape", None)
+    return int(torch.Size(shape).numel()) if shape is not None else parameter.numel()
+
+
+def _trainable_summary(model, model_args: ModelConfig, learning_rate: float) -> str:
+    try:
+        family = family_of_model(model)
+    except UnknownFamilyError:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        return f"{trainable:,} trainable parameters (lr {learning_rate:g})"
+    trainable, total = {}, {}
+    for name, parameter in model.named_parameters():
+        part = family.part_of(name) or "other"
+        total[part] = total.get(part, 0) + _parameter_count(parameter)
+        if parameter.requires_grad:
+            trainable[part] = trainable.get(part, 0) + _parameter_count(parameter)
+    rates = part_learning_rates(model_args)
+    pieces = []
+    for part in (*PARTS, "other"):
+        if part not in total:
+            continue
+        rate = rates.get(part)
+        detail = f"lr {learning_rate if rate is None else rate:g}" if trainable.get(part) else "frozen"
+        pieces.append(f"{_PART_NAMES.get(part, part)} {trainable.get(part, 0):,}/{total[part]:,} ({detail})")
+    return "trainable parameters: " + ", ".join(pieces)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Gradient checkpointing
+# --------------------------------------------------------------------------------------------------------------------
+def use_reentrant_checkpointing(model_args: ModelConfig, training_args) -> bool:
+    """Reentrant checkpointing under DeepSpeed ZeRO-3 when some weights are frozen (LoRA, frozen parts); otherwise
+    non-reentrant, PyTorch's recommendation, which needs no input that requires grad.
+
+    ZeRO-3 has frozen weights partitioned again when the non-reentrant recompute reads them, which fails its
+    metadata check (huggingface/transformers#47254, deepspeedai/DeepSpeed#4332; TRL's SFTTrainer forces reentrant
+    for PEFT + ZeRO-3 for this reason; DeepSpeed 0.19's attribution of frozen parameters to the recompute,
+    deepspeedai/DeepSpeed#8148, may make it unnecessary, untested here). Reentrant checkpointing only computes
+    gradients for a block whose input requires grad; `VLMSFTTrainer` sees to that.
+    """
+    frozen = model_args.use_peft or bool(_frozen_parts(model_args))
+    return deepspeed_zero_stage(training_args) == 3 and frozen
+
+
+def _configure_gradient_checkpointing(model_args: ModelConfig, training_args) -> None:
+    """Set `use_reentrant` explicitly unless the recipe did, in one dict shared by `activation_checkpointing_kwargs`
+    and its deprecated alias `gradient_checkpointing_kwargs`.
+
+    Why both: transformers 5 reads `activation_checkpointing_kwargs`, while TRL's SFTTrainer writes its ZeRO-3
+    setting into `gradient_checkpointing_kwargs`; a fresh dict there would not reach the Trainer.
+    """
+    if not training_args.gradient_checkpointing:
+        return
+    kwargs = (
+        getattr(training_args, "activation_checkpointing_kwargs", None) or training_args.gradient_checkpointing_kwargs
+    )
+    kwargs = kwargs if isinstance(kwargs, dict) else {}
+    kwargs.setdefault("use_reentrant", use_reentrant_checkpointing(model_args, training_args))
+    training_args.gradient_checkpointing_kwargs = kwargs
+    if hasattr(training_args, "activation_checkpointing_kwargs"):
+        training_args.activation_checkpointing_kwargs = kwargs
+
+
+def _make_checkpointed_inputs_require_grad(model) -> int:
+    """Under reentrant checkpointing, a checkpointed block gets parameter gradients only if one of its inputs
+    requires grad. The language model's input embeddings are hooked by `enable_input_require_grads` (TRL does it for
+    PEFT); the vision tower's blocks are fed from pixel values, so every checkpointed block that holds trainable
+    parameters gets its hidden-state input marked here. The hook runs outside the checkpoint: transformers'
+    `GradientCheckpointingLayer` checkpoints `forward`, not `__call__`. Returns the number of blocks hooked."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    def mark_input(module, args, kwargs):
+        if args and torch.is_tensor(args[0]) and args[0].is_floating_point() and not args[0].requires_grad:
+            args = (args[0].detach().requires_grad_(True), *args[1:])
+        elif not args and torch.is_tensor(kwargs.get("hidden_states")) and not kwargs["hidden_states"].requires_grad:
+            kwargs["hidden_states"] = kwargs["hidden_states"].detach().requires_grad_(True)
+        return args, kwargs
+
+    hooked = 0
+    for module in model.modules():
+        if isinstance(module, GradientCheckpointingLayer) and any(p.requires_grad for p in module.parameters()):
+            module.register_forward_pre_hook(mark_input, with_kwargs=True)
+            hooked += 1
+    return hooked
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Trainer
+# --------------------------------------------------------------------------------------------------------------------
+class VLMSFTTrainer(SFTTrainer):
+    """TRL's `SFTTrainer` with per-part learning rates and gradient checkpointing that trains every part.
+
+    Args:
+        model_args (`VLMModelConfig`): the recipe's model keys (`vision_tower_lr`, `projector_lr`,
+            `language_model_lr`, `use_peft`, `freeze_*`). Every other argument is `SFTTrainer`'s.
+
+    The optimizer is the Trainer's (`optim`, its betas and eps), given parameter groups per part and per weight-decay
+    split. Under DeepSpeed it is used as DeepSpeed's client optimizer, which needs a DeepSpeed config without an
+    `optimizer` section (checked by `check_training_setup`).
+    """
+
+    def __init__(self, *args, model_args: ModelConfig, **kwargs):
+        self.model_args = model_args
+        training_args = kwargs.get("args")
+        if training_args is not None:
+            _configure_gradient_checkpointing(model_args, training_args)
+        super().__init__(*args, **kwargs)
+        checkpointing_kwargs = self.args.activation_checkpointing_kwargs or {}
+        if self.args.gradient_checkpointing and checkpointing_kwargs.get("use_reentrant"):
+            hooked = _make_checkpointed_inputs_require_grad(self.model)
+            logger.info(
+                "Reentrant gradient checkpointing: %d trainable block(s) get inputs that require grad.", hooked
+            )
+
+    def create_optimizer(self, model=None):
+        opt_model = self.model if model is None else model
+        has_part_rates = any(rate is not None for rate in part_learning_rates(self.model_args).values())
+        if self.optimizer is None:
+            logger.info("%s", _trainable_summary(opt_model, self.model_args, self.args.learning_rate))
+        if self.optimizer is not None or not has_part_rates:
+            return super().create_optimizer(model)
+        for part, rate in part_learning_rates(self.model_args).items():
+            if rate is not None and not _part_has_trainable(opt_model, part):
+                logger.warning(
+                    "`%s: %g` is set but the %s has no trainable parameters.",
+                    _PART_LR_KEYS[part],
+                    rate,
+                    _PART_NAMES[part],
+                )
+        groups = part_parameter_groups(
+            opt_model,
+            self.model_args,
+            self.args.learning_rate,
+            self.args.weight_decay,
+            self.get_decay_parameter_names(opt_model),
+        )
+        if self.optimizer_cls_and_kwargs is not None:
+            optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
+        else:
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        special = {"params", "model", "optimizer_dict"} & set(optimizer_kwargs)
+        if special or not isinstance(optimizer_cls, type):
+            raise ValueError(
+                f"`optim: {self.args.optim}` builds its own parameter groups, so per-part learning rates cannot be "
+                "applied: use an AdamW-type `optim` or drop `vision_tower_lr` / `projector_lr` / `language_model_lr`."
+            )
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+
+def _part_has_trainable(model, part: str) -> bool:
+    family = family_of_model(model)
+    return any(p.requires_grad and family.part_of(name) == part for name, p in model.named_parameters())

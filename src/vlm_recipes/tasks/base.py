@@ -83,6 +83,11 @@ class Task:
     def save_artifacts(self, output_dir: Path, scores: list[dict[str, float]], rows: list[dict[str, Any]]) -> None:
         """Write task-specific evaluation files (plots...) into `output_dir`; nothing by default."""
 
+    def annotate_image(self, image, row: dict[str, Any], prediction: str):
+        """The row's first image (PIL, original size) with the prediction and the target drawn on it, for the W&B
+        table of sample predictions; the image unchanged by default. Draw on a copy."""
+        return image
+
 
 def register_task(cls: type[Task]) -> type[Task]:
     if not cls.name:

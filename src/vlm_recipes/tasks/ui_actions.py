@@ -76,6 +76,8 @@ ACTION_FORMATS = ("text", "json", "coordinates")
 COORDINATE_SYSTEMS = ("absolute", "normalized")
 SCROLL_DIRECTIONS = ("up", "down", "left", "right")
 NORMALIZED_GRID = 1000
+# `annotate_image` (W&B sample table): the target box and point, and the predicted point.
+ANNOTATION_COLOURS = {"target": (0, 200, 0), "prediction": (230, 0, 0)}
 
 # Qwen2-VL's image processor defaults: sides are multiples of 28 (14-pixel patches merged 2x2) and the area stays
 # within [56*56, 28*28*1280] pixels.
@@ -843,6 +845,29 @@ class UIActionsTask(Task):
 
     def aggregate(self, scores: list[dict[str, float]], rows: list[dict[str, Any]]) -> dict[str, float]:
         return aggregate_action_scores(scores)
+
+    def annotate_image(self, image, row: dict[str, Any], prediction: str):
+        """The screenshot with the target box and point in green and the predicted click (if any) in red, in
+        original-image pixels."""
+        from PIL import ImageDraw
+
+        image = image.convert("RGB")  # a copy
+        draw = ImageDraw.Draw(image)
+        radius = max(3, min(image.size) // 40)
+        if row.get("target_bbox") is not None:
+            draw.rectangle(list(row["target_bbox"]), outline=ANNOTATION_COLOURS["target"], width=2)
+        target = row.get("action") or {}
+        if target.get("type") == "click":
+            x, y = target["x"], target["y"]
+            draw.line([x - radius, y, x + radius, y], fill=ANNOTATION_COLOURS["target"], width=2)
+            draw.line([x, y - radius, x, y + radius], fill=ANNOTATION_COLOURS["target"], width=2)
+        predicted = self.decode_prediction(prediction, tuple(row.get("image_size") or image.size))
+        if predicted is not None and predicted["type"] == "click":
+            x, y = predicted["x"], predicted["y"]
+            draw.ellipse(
+                [x - radius, y - radius, x + radius, y + radius], outline=ANNOTATION_COLOURS["prediction"], width=2
+            )
+        return image
 
 
 def _read_image_size(path: str, file: Path, line: int) -> Size:

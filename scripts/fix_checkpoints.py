@@ -1,0 +1,72 @@
+"""Find checkpoints whose processor does not load alone, and repair them from the base model.
+
+Usage:
+    python scripts/fix_checkpoints.py --list-broken [ROOT]      # report only; changes nothing
+    python scripts/fix_checkpoints.py --auto-fix [ROOT]         # repair every checkpoint under ROOT
+    python scripts/fix_checkpoints.py --checkpoint DIR          # repair one directory
+    ... [--base_model NAME_OR_DIR] [--trust_remote_code]
+
+ROOT defaults to `outputs`. A checkpoint is a `checkpoint-*` directory or any directory holding model or adapter
+weights. It is broken when `AutoProcessor.from_pretrained(DIR)` alone fails, or loads wrong (no tokenizer files, no
+image processor, no chat template); incomplete when it lacks `preprocessor_config.json` or `generation_config.json`.
+Missing processor files are copied from the base model, found offline (local directory or HF cache) from
+`adapter_config.json` (`base_model_name_or_path`), `config.json` (`_name_or_path`, transformers 4) or the run's recipe
+(`recipe.yaml` or `run_info.json`: `model_name_or_path`), unless `--base_model` names it. Files the checkpoint already
+has are kept; the run's `min_pixels`/`max_pixels` are re-applied to a copied image-processor config.
+
+Prints one line per checkpoint with what was found and done, then a summary. Exits 1 when a checkpoint is left
+broken or incomplete (with `--list-broken`: when any is found).
+"""
+
+import argparse
+import sys
+
+from transformers.utils import logging as transformers_logging
+
+from vlm_recipes.checkpoints import find_checkpoints, repair_checkpoint
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--list-broken", nargs="?", const="outputs", metavar="ROOT", help="List; change nothing.")
+    mode.add_argument("--auto-fix", nargs="?", const="outputs", metavar="ROOT", help="Repair all under ROOT.")
+    mode.add_argument("--checkpoint", metavar="DIR", help="Repair this one directory.")
+    parser.add_argument("--base_model", default=None, help="Base model to copy from, instead of the recorded one.")
+    parser.add_argument("--trust_remote_code", action="store_true")
+    args = parser.parse_args()
+    transformers_logging.set_verbosity_error()
+
+    root = args.list_broken or args.auto_fix
+    try:
+        directories = [args.checkpoint] if args.checkpoint else find_checkpoints(root)
+    except FileNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if not directories:
+        print(f"no checkpoints under {root}")
+        return 0
+
+    counts = {}
+    for directory in directories:
+        report = repair_checkpoint(directory, args.base_model, args.trust_remote_code, dry_run=bool(args.list_broken))
+        counts[report.status] = counts.get(report.status, 0) + 1
+        print(f"{report.status.upper():<16} {directory}")
+        if not report.before.ok:
+            print(f"{'':<16}   found: {report.before.describe()}")
+        for action in report.actions:
+            print(f"{'':<16}   {action}")
+        if not report.before.ok and args.list_broken and report.base is not None:
+            print(f"{'':<16}   base: {report.base.path} ({report.base.source})")
+        if report.base_error and not report.ok:
+            print(f"{'':<16}   base: {report.base_error}")
+        if report.attempted and not report.ok:
+            print(f"{'':<16}   left: {report.after.describe()}")
+        elif report.attempted:
+            print(f"{'':<16}   verified: AutoProcessor.from_pretrained loads {type(report.after.processor).__name__}")
+    print(f"{len(directories)} checkpoint(s): " + ", ".join(f"{count} {status}" for status, count in counts.items()))
+    return 0 if set(counts) <= {"ok", "fixed"} else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

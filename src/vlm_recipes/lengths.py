@@ -1,0 +1,455 @@
+"""Sample lengths without running the model or decoding pixels, and what uses them.
+
+The length of a sample is what the model sees: the tokens of the chat-template-rendered conversation plus the image
+tokens each image expands into. We compute it from the rendered text (tokenizer only) and each image's SIZE (read
+from the file header, never its pixels), with the processor's own arithmetic for the number of image tokens:
+`processor._get_num_multimodal_tokens(image_sizes=...)`, the method vLLM uses to size its placeholders. It follows the
+processor's pixel budget (`min_pixels`/`max_pixels`), its resize target and image splitting. A processor without it
+(legacy Idefics2) has each sample's text processed with blank images of its images' sizes instead: exact, no pixels
+decoded, slower.
+
+What the lengths are for:
+- grouping samples of similar length into batches (`train_sampling_strategy: group_by_length`), so that batches carry
+  little padding: the lengths go into the dataset's `length_column_name` column, which the Trainer's
+  `LengthGroupedSampler` reads;
+- the `too_long` policy, checked before training: `error` stops the run naming the sample and its length, `drop`
+  leaves such samples out and counts them. (The collator still checks every batch, as a safety net.)
+
+The tests check that these lengths equal the collator's encoded lengths exactly, for every tiny family and the real
+processors.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ImageTokenCounter",
+    "apply_data_loading_defaults",
+    "apply_too_long_policy",
+    "default_dataloader_num_workers",
+    "image_size",
+    "padding_fraction",
+    "prepare_lengths",
+    "sample_lengths",
+    "use_precomputed_lengths",
+]
+
+# EXIF orientations that turn the image by 90 degrees: `datasets` (and `ImageOps.exif_transpose`) swap its sides.
+_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Image sizes, without decoding pixels
+# --------------------------------------------------------------------------------------------------------------------
+def _opened_size(opened) -> tuple[int, int]:
+    width, height = opened.size
+    if opened.getexif().get(0x0112) in _TRANSPOSING_ORIENTATIONS:  # 0x0112: the EXIF Orientation tag
+        width, height = height, width
+    return height, width
+
+
+def image_size(image: Any) -> tuple[int, int]:
+    """`(height, width)` of an image as the collator will see it, without decoding its pixels.
+
+    Accepts a PIL image, a file path, a `datasets.Image` storage dict (`{"path", "bytes"}`), or an array/tensor
+    (`HWC` or `CHW`). Files are opened lazily (PIL reads the header only); an EXIF rotation by 90 degrees swaps the
+    sides, as `datasets` applies it when it decodes the image.
+    """
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        width, height = image.size
+        return height, width
+    if isinstance(image, (str, Path)):
+        with Image.open(image) as opened:
+            return _opened_size(opened)
+    if isinstance(image, dict) and ("path" in image or "bytes" in image):
+        if image.get("bytes"):
+            with Image.open(io.BytesIO(image["bytes"])) as opened:
+                return _opened_size(opened)
+        if image.get("path"):
+            with Image.open(image["path"]) as opened:
+                return _opened_size(opened)
+    shape = getattr(image, "shape", None)
+    if shape is not None and len(shape) == 3:
+        channels_first = shape[0] in (1, 3, 4) and shape[-1] not in (1, 3, 4)
+        return (int(shape[1]), int(shape[2])) if channels_first else (int(shape[0]), int(shape[1]))
+    raise TypeError(
+        f"Cannot read the size of an image given as {type(image).__name__}; give a PIL image, a file path, a "
+        "`datasets.Image` dict with `path` or `bytes`, or an HWC/CHW array."
+    )
+
+
+class ImageTokenCounter:
+    """How many tokens the processor turns one image placeholder into, for an image of a given size.
+
+    Uses `processor._get_num_multimodal_tokens` (transformers' own arithmetic, which follows the pixel budget, resize
+    target and image splitting of the processor's current settings), once per distinct size. `available` is False
+    for processors without it (legacy Idefics2), or where it fails: `sample_lengths` then processes each sample's
+    text with blank images of its images' sizes, which is exact and still decodes no pixels.
+    """
+
+    def __init__(self, processor):
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.image_token = getattr(processor, "image_token", None)
+        self.available = bool(self.image_token) and callable(getattr(processor, "_get_num_multimodal_tokens", None))
+        # The rendered text holds this many tokens per image before the processor expands it.
+        self.placeholder_length = (
+            len(self.tokenizer(self.image_token, add_special_tokens=False)["input_ids"]) if self.image_token else 0
+        )
+        self._cache: dict[tuple[int, int], int] = {}
+
+    def __call__(self, height: int, width: int) -> int | None:
+        """Tokens that one image of `height` x `width` pixels takes in the processed text (None: not available)."""
+        key = (int(height), int(width))
+        if key not in self._cache and self.available:
+            # transformers documents `MultiModalData` as meant for vLLM, its API open to change: if it changes,
+            # lengths come from processing with blank images instead (same result, slower), said once.
+            try:
+                data = self.processor._get_num_multimodal_tokens(image_sizes=[key])
+                self._cache[key] = int(data["num_image_tokens"][0])
+            except (AttributeError, KeyError, TypeError, IndexError) as error:
+                logger.warning(
+                    "%s._get_num_multimodal_tokens failed (%r); measuring lengths by processing blank images.",
+                    type(self.processor).__name__,
+                    error,
+                )
+                self.available = False
+        return self._cache.get(key) if self.available else None
+
+
+def _length_with_blank_images(collator, text: str, sizes: list[tuple[int, int]]) -> int:
+    """Token count of `text` processed with blank images of `sizes`: what the collator gets, pixels aside."""
+    from PIL import Image
+
+    from .collator import special_tokens_kwargs
+
+    blanks = [Image.new("RGB", (width, height)) for height, width in sizes]
+    encoded = collator.processor(
+        text=[text],
+        images=[blanks] if blanks else None,
+        return_tensors=None,
+        **special_tokens_kwargs(collator.tokenizer, [text]),
+    )
+    return len(encoded["input_ids"][0])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Sample lengths
+# --------------------------------------------------------------------------------------------------------------------
+def _raw_examples(dataset, batch_size: int = 256) -> Iterator[dict[str, Any]]:
+    """The examples of a dataset with their images left undecoded.
+
+    A `datasets.Dataset` is read as Arrow batches, so an `Image` column gives `{"path", "bytes"}` dicts instead of
+    decoded pictures; a custom transform (`with_transform`, as `vlm_recipes.data.build_dataset` sets to parse the JSON
+    messages and decode the images) is applied to those raw batches with the `images` column held back. Anything
+    else is iterated as it is (a list of dicts).
+    """
+    import datasets
+
+    if not isinstance(dataset, datasets.Dataset):
+        yield from dataset
+        return
+    transform = dataset.format["format_kwargs"].get("transform") if dataset.format["type"] == "custom" else None
+    arrow = dataset.with_format("arrow")
+    for start in range(0, len(dataset), batch_size):
+        batch = arrow[start : start + batch_size].to_pydict()
+        if transform is not None:
+            images = batch.pop("images", None)
+            batch = transform(batch)
+            if images is not None:
+                batch["images"] = images
+        size = len(next(iter(batch.values()))) if batch else 0
+        for i in range(size):
+            yield {key: values[i] for key, values in batch.items()}
+
+
+def _row_name(example: dict[str, Any], index: int) -> str:
+    row_id = example.get("id")
+    return f"row {index} (id {row_id!r})" if row_id is not None else f"row {index}"
+
+
+def sample_lengths(
+    dataset, collator, description: str = "Measuring sample lengths", progress: bool = True
+) -> tuple[list[int], list[str]]:
+    """Return `(lengths, names)`: each sample's token count as the collator will encode it, and its name.
+
+    The conversation is rendered with the collator's own rendering (the same text it processes, end-of-turn tokens
+    it appends included) and tokenized; each image placeholder counts as the image tokens the processor expands it
+    into for that image's size. Pixels are never decoded; the model never runs. A malformed row raises the collator's
+    own error, naming the row.
+    """
+    from tqdm.auto import tqdm
+
+    from .collator import special_tokens_kwargs
+
+    if getattr(collator, "layout", "causal") != "causal":
+        return _processed_lengths(dataset, collator, description, progress)
+    counter = ImageTokenCounter(collator.processor)
+    tokenizer = collator.tokenizer
+    lengths: list[int] = []
+    names: list[str] = []
+
+    def flush(texts: list[str], image_tokens: list[int]) -> None:
+        # Texts that already start with BOS are tokenized without a second one, as the collator does.
+        by_kwargs: dict[bool, list[int]] = {}
+        for position, text in enumerate(texts):
+            by_kwargs.setdefault(bool(special_tokens_kwargs(tokenizer, [text])), []).append(position)
+        counts = [0] * len(texts)
+        for without_special, positions in by_kwargs.items():
+            kwargs = {"add_special_tokens": False} if without_special else {}
+            encoded = tokenizer([texts[p] for p in positions], **kwargs)["input_ids"]
+            for position, ids in zip(positions, encoded):
+                counts[position] = len(ids)
+        lengths.extend(count + extra for count, extra in zip(counts, image_tokens))
+
+    total = len(dataset) if hasattr(dataset, "__len__") else None
+    texts: list[str] = []
+    image_tokens: list[int] = []
+    for index, example in enumerate(
+        tqdm(_raw_examples(dataset), total=total, desc=description, leave=False, disable=not progress)
+    ):
+        text = collator.rendered_text(example, index)
+        images = example.get("images") or []
+        sizes = [image_size(image) for image in (images if isinstance(images, (list, tuple)) else [images])]
+        names.append(_row_name(example, index))
+        counts = [counter(*size) for size in sizes]
+        if None in counts:  # no token arithmetic for this processor: process the text with blank images
+            if texts:
+                flush(texts, image_tokens)
+                texts, image_tokens = [], []
+            lengths.append(_length_with_blank_images(collator, text, sizes))
+            continue
+        texts.append(text)
+        image_tokens.append(sum(count - counter.placeholder_length for count in counts))
+        if len(texts) >= 256:
+            flush(texts, image_tokens)
+            texts, image_tokens = [], []
+    if texts:
+        flush(texts, image_tokens)
+    return lengths, names
+
+
+def _processed_lengths(dataset, collator, description: str, progress: bool) -> tuple[list[int], list[str]]:
+    """Lengths by processing each sample (images decoded): for prompt/answer families (PaliGemma, Florence-2), which
+    take the prompt and the answer as two inputs and have no one rendered text to count tokens on."""
+    from tqdm.auto import tqdm
+
+    logger.info("%s: lengths measured by processing each sample (prompt/answer layout).", collator.layout)
+    lengths, names = [], []
+    for index in tqdm(range(len(dataset)), desc=description, leave=False, disable=not progress):
+        example = dataset[index]
+        lengths.append(collator.sample_length(example, index))
+        names.append(_row_name(example, index))
+    return lengths, names
+
+
+def apply_too_long_policy(
+    dataset, lengths: list[int], names: list[str], max_length: int | None, policy: str, split: str = "train"
+) -> tuple[Any, list[int], list[str]]:
+    """Apply `too_long` before training: return `(dataset, lengths, dropped names)`.
+
+    `error` raises on the first sample over `max_length`, naming it, its length and how many others are over;
+    `drop` leaves such samples out (`dataset.select`) and returns their names, so that they are counted.
+    """
+    if max_length is None:
+        return dataset, lengths, []
+    over = [i for i, length in enumerate(lengths) if length > max_length]
+    if not over:
+        return dataset, lengths, []
+    if policy == "error":
+        first = over[0]
+        others = f" ({len(over) - 1} other {split} sample(s) too)" if len(over) > 1 else ""
+        raise ValueError(
+            f"{split} {names[first]} is {lengths[first]} tokens long (image tokens included), over max_length="
+            f"{max_length}{others}. Samples are never truncated, since a cut inside or before the image tokens "
+            "breaks the image/text alignment: raise `max_length`, lower the image pixel budget (`max_pixels`), or set "
+            "`too_long: drop` to leave such samples out (they are counted and reported)."
+        )
+    over_set = set(over)
+    kept = [i for i in range(len(lengths)) if i not in over_set]
+    if not kept:
+        raise ValueError(
+            f"Every {split} sample is over max_length={max_length} (shortest: {min(lengths)} tokens); raise "
+            "`max_length` or lower the image pixel budget."
+        )
+    return dataset.select(kept), [lengths[i] for i in kept], [names[i] for i in over]
+
+
+def padding_fraction(lengths: Sequence[int], batches: Iterable[Sequence[int]]) -> float:
+    """Share of padding tokens when each batch (a list of indices into `lengths`) is padded to its longest sample."""
+    padded = real = 0
+    for batch in batches:
+        batch_lengths = [lengths[i] for i in batch]
+        if not batch_lengths:
+            continue
+        padded += max(batch_lengths) * len(batch_lengths)
+        real += sum(batch_lengths)
+    return (padded - real) / padded if padded else 0.0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# What `scripts/sft.py` calls
+# --------------------------------------------------------------------------------------------------------------------
+def prepare_lengths(script_args, training_args, collator, train_dataset, eval_dataset):
+    """Measure sample lengths, apply `too_long` up front and add the length column that length grouping reads.
+
+    Returns `(train_dataset, eval_dataset, dropped)`, `dropped` mapping a split to the names of samples left out.
+    Nothing is measured when neither `max_length` nor length grouping needs it.
+    """
+    grouping = _sampling_strategy(training_args) in ("group_by_length", "batch_rebalance")
+    column = training_args.length_column_name
+    dropped: dict[str, list[str]] = {}
+    prepared = []
+    for split, dataset in (("train", train_dataset), ("eval", eval_dataset)):
+        if dataset is None or (collator.max_length is None and not grouping):
+            prepared.append(dataset)
+            continue
+        lengths, names = sample_lengths(dataset, collator, description=f"Measuring {split} sample lengths")
+        dataset, lengths, dropped[split] = apply_too_long_policy(
+            dataset, lengths, names, collator.max_length, script_args.too_long, split
+        )
+        if grouping:
+            dataset = _with_column(dataset, column, lengths)
+        prepared.append(dataset)
+        if lengths:
+            logger.info(
+                "%s: %d samples, %d-%d tokens (mean %.0f)",
+                split,
+                len(lengths),
+                min(lengths),
+                max(lengths),
+                sum(lengths) / len(lengths),
+            )
+    return prepared[0], prepared[1], dropped
+
+
+def _with_column(dataset, column: str, values: list[int]):
+    """`dataset` plus a column, its format (our `with_transform`) kept.
+
+    The column is added to the unformatted dataset: on a `select`ed one (after `too_long: drop`), `add_column` first
+    rewrites the rows through the format's transform, which decodes every image and cannot store what it returns.
+    """
+    form = dataset.format
+    plain = dataset.with_format(None)
+    if column in plain.column_names:
+        plain = plain.remove_columns(column)
+    plain = plain.add_column(column, values)
+    columns = form["columns"]
+    if columns is not None and column not in columns:
+        columns = [*columns, column]
+    return plain.with_format(
+        form["type"], columns=columns, output_all_columns=form["output_all_columns"], **form["format_kwargs"]
+    )
+
+
+def _sampling_strategy(training_args) -> str:
+    strategy = getattr(training_args, "train_sampling_strategy", "random")
+    return getattr(strategy, "value", strategy)
+
+
+def use_precomputed_lengths(trainer) -> None:
+    """Make the Trainer's length-grouped samplers read the length column without formatting whole rows.
+
+    Why: the Trainer reads `dataset[length_column_name]`, which on a dataset with a custom transform (ours parse the
+    JSON messages and decode the images) is a `datasets.Column` that formats the WHOLE row, images decoded, on every `lengths[i]` the
+    sampler makes: the dataset's images would be decoded once more per epoch just to sort it. Here the column is read
+    as plain Arrow data once, and the samplers get the list.
+    """
+    import datasets
+
+    column = trainer.args.length_column_name
+    original_train_sampler, original_eval_sampler = trainer._get_train_sampler, trainer._get_eval_sampler
+
+    def plain_lengths(dataset):
+        if isinstance(dataset, datasets.Dataset) and column in dataset.column_names:
+            return dataset.with_format("arrow").select_columns([column])[column].to_pylist()
+        return None
+
+    def train_sampler(train_dataset=None):
+        dataset = trainer.train_dataset if train_dataset is None else train_dataset
+        strategy = _sampling_strategy(trainer.args)
+        if strategy == "batch_rebalance" and isinstance(dataset, datasets.Dataset):
+            # The Trainer builds this sampler itself; from the unformatted view its column reads skip the transform.
+            return original_train_sampler(dataset.with_format(None))
+        lengths = plain_lengths(dataset) if strategy == "group_by_length" else None
+        if lengths is None:
+            return original_train_sampler(train_dataset)
+        from transformers.trainer_pt_utils import LengthGroupedSampler
+
+        batch_size = trainer.args.train_batch_size * trainer.args.gradient_accumulation_steps
+        return LengthGroupedSampler(batch_size, lengths=lengths)
+
+    def eval_sampler(eval_dataset):
+        lengths = plain_lengths(eval_dataset) if _sampling_strategy(trainer.args) == "group_by_length" else None
+        if lengths is None:
+            return original_eval_sampler(eval_dataset)
+        import torch
+        from transformers.trainer_pt_utils import LengthGroupedSampler
+
+        seed = trainer.args.data_seed if trainer.args.data_seed is not None else trainer.args.seed
+        generator = torch.Generator().manual_seed(seed)  # as the Trainer's own eval sampler
+        return LengthGroupedSampler(trainer.args.eval_batch_size, lengths=lengths, generator=generator)
+
+    trainer._get_train_sampler = train_sampler
+    trainer._get_eval_sampler = eval_sampler
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Data-loading defaults
+# --------------------------------------------------------------------------------------------------------------------
+def default_dataloader_num_workers(cpu_count: int | None = None) -> int:
+    """Data-loading worker processes per training process when the recipe does not say.
+
+    Image decoding and the processor run in the workers, beside the training step. One core is left to the training
+    process; at most 4 workers, which keep even a fast GPU fed at the batch sizes of our recipes. On a machine with
+    2 cores or fewer, workers only compete with training for the cores, so there are none.
+    """
+    cpu_count = _usable_cpus() if cpu_count is None else cpu_count
+    return 0 if cpu_count <= 2 else min(4, cpu_count - 1)
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def apply_data_loading_defaults(training_args, keys_set: set[str] | None) -> dict[str, Any]:
+    """Set the data-loading keys the user did not set (`keys_set`); return what was set, for the log.
+
+    - `train_sampling_strategy`: `group_by_length`, so that batches carry little padding (the lengths are measured
+      cheaply up front by `prepare_lengths`); set `random` to turn it off;
+    - `dataloader_num_workers`: `default_dataloader_num_workers()`, over the training processes of this machine;
+    - `dataloader_pin_memory`: on only where the run uses CUDA (pinned host memory speeds up copies to a GPU only);
+    - `dataloader_persistent_workers`: on when there are workers, so that they are not restarted every epoch.
+    """
+    import torch
+
+    keys_set = set(keys_set or ())
+    changed: dict[str, Any] = {}
+    if "train_sampling_strategy" not in keys_set:
+        changed["train_sampling_strategy"] = "group_by_length"
+    if "dataloader_num_workers" not in keys_set:
+        local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        changed["dataloader_num_workers"] = default_dataloader_num_workers(max(1, _usable_cpus() // local_processes))
+    if "dataloader_pin_memory" not in keys_set:
+        changed["dataloader_pin_memory"] = torch.cuda.is_available() and not training_args.use_cpu
+    workers = changed.get("dataloader_num_workers", training_args.dataloader_num_workers)
+    if "dataloader_persistent_workers" not in keys_set:
+        changed["dataloader_persistent_workers"] = workers > 0
+    for key, value in changed.items():
+        setattr(training_args, key, value)
+    if changed:
+        logger.info("Data loading defaults: %s", ", ".join(f"{key}={value}" for key, value in changed.items()))
+    return changed

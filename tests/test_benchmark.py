@@ -1,0 +1,144 @@
+"""`scripts/benchmark.py`: it runs with the smallest settings and writes a complete report; its FLOPs inputs and target
+checks are right. Timings are asserted positive only (they are figures, not tests)."""
+
+import importlib.util
+import json
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO_ROOT, run_script
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("benchmark_script", REPO_ROOT / "scripts" / "benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["benchmark_script"] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_quick_run_writes_every_figure(tmp_path):
+    output = tmp_path / "report" / "benchmark.json"
+    result = run_script(["scripts/benchmark.py", "--quick", "--output", str(output)], timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(output.read_text())
+    assert not list(output.parent.glob(".*.tmp"))  # written atomically: no temporary left behind
+    results = report["results"]
+
+    collator = results["collator"]
+    for key in ("ours_examples_per_second", "trl_examples_per_second", "trl_assistant_only_examples_per_second"):
+        assert collator[key] > 0
+    assert collator["ratio_ours_to_trl"] == pytest.approx(
+        collator["ours_examples_per_second"] / collator["trl_examples_per_second"]
+    )
+
+    training = results["training"]
+    for name in ("ours", "trl", "ours_random_sampler"):
+        assert training[name]["samples_per_second"] > 0 and training[name]["tokens_per_second"] > 0
+        assert 0 <= training[name]["padding_fraction"] < 1
+    assert training["ours"]["train_sampling_strategy"] == "group_by_length"  # scripts/sft.py's default
+    assert training["trl"]["train_sampling_strategy"] == "random"
+
+    padding = results["padding"]["recipes"]["shapes_qwen2vl"]
+    assert padding["cheap_lengths_equal_collated"] is True
+    for strategy in ("random", "group_by_length"):
+        assert 0 <= padding[strategy]["padding_fraction"] < 1
+        assert 0 < padding[strategy]["supervised_fraction_of_positions"] <= 1
+
+    memory = results["memory"]
+    for name in ("bf16_lora", "qlora_4bit"):
+        assert memory[name]["peak_bytes_above_start"] > 0
+    assert memory["qlora_4bit"]["weights_bytes"] < 0.5 * memory["bf16_lora"]["weights_bytes"]  # 4-bit weights
+
+    assert set(report["targets"]) == {
+        "collator_at_least_as_fast_as_trl",
+        "training_throughput_at_least_trl",
+        "padding_under_10_percent_with_grouping",
+        "qlora_peak_memory_well_under_lora",
+    }
+    assert all(isinstance(check["passed"], bool) for check in report["targets"].values())
+    assert report["machine"]["versions"]["trl"] and report["machine"]["usable_cpus"] >= 1
+    assert report["settings"]["quick"] is True
+    assert "Targets" in result.stdout and "ratio ours / TRL" in result.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where there is no GPU")
+def test_gpu_part_says_it_needs_a_gpu(tmp_path):
+    result = run_script(["scripts/benchmark.py", "--gpu", "--output", str(tmp_path / "b.json")], timeout=300)
+    assert result.returncode != 0
+    assert "--gpu needs a CUDA GPU" in result.stderr
+    assert not (tmp_path / "b.json").exists()
+
+
+@pytest.mark.slow
+def test_full_size_path_runs_on_cpu_with_a_small_config(tmp_path, tiny_model_dirs):
+    """Part 5's code path (random model saved and reloaded, LoRA and 4-bit QLoRA through scripts/sft.py, MFU inputs)
+    with a tiny config on CPU: what the GPU run does, short of CUDA."""
+    from transformers import AutoConfig
+
+    benchmark = load_benchmark()
+    settings = benchmark.Settings()
+    settings.shrink()
+    settings.gpu_batch_sizes, settings.gpu_warmup, settings.gpu_steps = [2], 1, 1
+    settings.gpu_samples, settings.gpu_image_size = 4, [56, 84]
+    workspace = benchmark.Workspace(tmp_path)
+    config = AutoConfig.from_pretrained(tiny_model_dirs["qwen2_vl"])
+    report = benchmark.benchmark_full_size(workspace, settings, device="cpu", config=config)
+    for mode in ("lora", "qlora"):
+        figures = report[mode]["2"]
+        assert figures["samples_per_second"] > 0 and figures["tokens_per_second"] > 0
+        assert figures["patches_per_second"] > 0  # the vision tower's input counted for the FLOPs
+        expected = 6 * (
+            report["parameters"]["language_model_compute"] * figures["tokens_per_second"]
+            + report["parameters"]["vision_tower"] * figures["patches_per_second"]
+        )
+        assert figures["model_flops_per_second"] == pytest.approx(expected)
+    assert report["lora"]["2"]["tokens_per_sample"] == pytest.approx(report["qlora"]["2"]["tokens_per_sample"])
+
+
+class TestFigures:
+    def test_qwen2_vl_2b_parameter_counts(self):
+        benchmark = load_benchmark()
+        config, _ = benchmark.qwen2_vl_2b_config()
+        counts = benchmark.parameter_counts(config)
+        # Qwen2-VL-2B: 2.21B parameters, 0.67B of them in the vision tower (merger included); the tied embedding
+        # (151936 x 1536) counts once in the total and once more as the LM head's matmul.
+        assert counts["total"] == pytest.approx(2.209e9, rel=0.01)
+        assert counts["vision_tower"] == pytest.approx(0.665e9, rel=0.01)
+        assert counts["language_model_compute"] == counts["total"] - counts["vision_tower"]
+
+    def test_peak_flops_by_gpu_name(self):
+        benchmark = load_benchmark()
+        assert benchmark.peak_bf16_flops("NVIDIA H100 80GB HBM3", None)[0] == 989e12
+        assert benchmark.peak_bf16_flops("NVIDIA H100 PCIe", None)[0] == 756e12
+        assert benchmark.peak_bf16_flops("NVIDIA H200", None)[0] == 989e12
+        assert benchmark.peak_bf16_flops("NVIDIA A100-SXM4-80GB", None)[0] == 312e12
+        assert benchmark.peak_bf16_flops("Some New GPU", None)[0] is None
+        assert benchmark.peak_bf16_flops("Some New GPU", 500.0)[0] == 500e12
+
+    def test_target_checks(self):
+        benchmark = load_benchmark()
+        results = {
+            "collator": {"ratio_ours_to_trl": 1.2},
+            "training": {"ratio_samples_per_second": 0.9},
+            "padding": {"max_padding_fraction_grouped": 0.04},
+            "memory": {"ratio_qlora_to_lora_peak": 0.5},
+        }
+        checks = benchmark.target_checks(results)
+        assert {name: check["passed"] for name, check in checks.items()} == {
+            "collator_at_least_as_fast_as_trl": True,
+            "training_throughput_at_least_trl": False,
+            "padding_under_10_percent_with_grouping": True,
+            "qlora_peak_memory_well_under_lora": True,
+        }
+        # With the GPU part, its memory figure decides (largest batch size both modes ran).
+        results["full_size"] = {
+            "lora": {"1": {"peak_memory_gib": 10.0}, "2": {"peak_memory_gib": 12.0}, "4": {"out_of_memory": True}},
+            "qlora": {"1": {"peak_memory_gib": 5.0}, "2": {"peak_memory_gib": 10.0}, "4": {"peak_memory_gib": 12.0}},
+        }
+        check = benchmark.target_checks(results)["qlora_peak_memory_well_under_lora"]
+        assert check["value"] == pytest.approx(10.0 / 12.0) and check["passed"] is False
+        assert "batch size 2" in check["measured"]

@@ -1,0 +1,463 @@
+"""Model loading, QLoRA, LoRA targets per part, freezing, per-part learning rates, gradient checkpointing.
+
+On tiny models of every family in `TINY_FAMILIES` that the family registry knows, on CPU (bitsandbytes 4-bit and
+8-bit run on CPU).
+"""
+
+import math
+import re
+
+import pytest
+import torch
+import yaml
+from peft.tuners.lora import LoraLayer
+from transformers.modeling_layers import GradientCheckpointingLayer
+from trl import SFTConfig
+
+from vlm_recipes.collator import VisionChatCollator
+from vlm_recipes.configs import RecipeError, VLMModelConfig, parse_recipe
+from vlm_recipes.data import BadRowReport, build_dataset
+from vlm_recipes.families import UnknownFamilyError, detect_family, family_of_model
+from vlm_recipes.models import (
+    VLMSFTTrainer,
+    check_quantization_for_zero3,
+    check_training_setup,
+    deepspeed_zero_stage,
+    load_model,
+    load_processor,
+    lora_target_modules_for,
+    part_parameter_groups,
+    peft_config_for,
+    quantization_config_for,
+    training_dtype,
+    use_reentrant_checkpointing,
+)
+from vlm_recipes.tasks import get_task
+from vlm_recipes.tiny import TINY_FAMILIES
+
+from conftest import REPO_ROOT, run_script
+
+
+def registered(family_name):
+    """Tiny families whose model type the registry knows (others arrive later and are covered once registered)."""
+    from vlm_recipes.families import FAMILIES
+
+    model_type = TINY_FAMILIES[family_name].model_type
+    return any(model_type in family.model_types for family in FAMILIES.values())
+
+
+FAMILY_PARAMS = [
+    pytest.param(name, marks=pytest.mark.skipif(not registered(name), reason=f"{name} not in the family registry"))
+    for name in TINY_FAMILIES
+]
+
+
+def model_config(model_dir, **overrides):
+    return VLMModelConfig(model_name_or_path=str(model_dir), dtype="float32", **overrides)
+
+
+def training_config(output_dir, **overrides):
+    values = {
+        "output_dir": str(output_dir),
+        "max_steps": 3,
+        "per_device_train_batch_size": 2,
+        "learning_rate": 1e-2,
+        "lr_scheduler_type": "constant",
+        "max_length": 512,
+        "use_cpu": True,
+        "bf16": False,
+        "gradient_checkpointing": False,
+        "report_to": "none",
+        "save_strategy": "no",
+        "eval_strategy": "no",
+        "logging_steps": 1,
+        "remove_unused_columns": False,
+        "dataset_kwargs": {"skip_prepare_dataset": True},
+        "seed": 0,
+    }
+    values.update(overrides)
+    return SFTConfig(**values)
+
+
+def lora_module_names(model):
+    return [name for name, module in model.named_modules() if isinstance(module, LoraLayer)]
+
+
+def snapshot(model):
+    return {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
+
+
+def changed_parameters(before, model):
+    return {name for name, parameter in model.named_parameters() if not torch.equal(before[name], parameter.detach())}
+
+
+@pytest.fixture(scope="module")
+def shapes_dir(tmp_path_factory):
+    """Shapes demo data: eight training conversations (one of them text-only)."""
+    directory = tmp_path_factory.mktemp("shapes-models")
+    get_task("shapes").make_data(directory, num=10, seed=0)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def train_dataset(shapes_dir):
+    """The rows with an image (PaliGemma and Florence-2 take exactly one image per sample)."""
+    rows = get_task("shapes").load_rows(shapes_dir, "train", shapes_dir, BadRowReport())
+    return build_dataset([row for row in rows if len(row["images"]) == 1])
+
+
+def make_trainer(model_dir, dataset, model_args, args):
+    processor = load_processor(model_args)
+    if getattr(processor, "chat_template", None) is None:
+        pytest.skip(f"{model_dir.name}: its processor has no chat template, so VisionChatCollator cannot train it")
+    model = load_model(model_args, args)
+    return VLMSFTTrainer(
+        model_args=model_args,
+        model=model,
+        args=args,
+        data_collator=VisionChatCollator(processor, max_length=args.max_length),
+        train_dataset=dataset,
+        processing_class=processor,
+        peft_config=peft_config_for(model, model_args),
+    )
+
+
+def train(trainer):
+    """Train; returns (changed parameter names, finite losses logged)."""
+    before = snapshot(trainer.model)
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert losses and all(math.isfinite(loss) for loss in losses), losses
+    return changed_parameters(before, trainer.model)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+class TestLoraTargets:
+    @pytest.mark.parametrize("family_name", FAMILY_PARAMS)
+    def test_language_model_only_by_default_and_vision_on_request(self, family_name, tiny_model_dirs):
+        from peft import get_peft_model
+
+        model_dir = tiny_model_dirs[family_name]
+        family = detect_family(model_dir)
+        for lora_vision, parts in ((False, {"language"}), (True, {"vision", "projector", "language"})):
+            model = load_model(model_config(model_dir))
+            linear = [
+                name
+                for name, module in model.named_modules()
+                if isinstance(module, torch.nn.Linear) and family.part_of(name) in parts and name != "lm_head"
+            ]
+            args = model_config(model_dir, use_peft=True, lora_r=2, lora_vision=lora_vision)
+            peft_model = get_peft_model(model, peft_config_for(model, args))
+            lora_names = [name.removeprefix("base_model.model.") for name in lora_module_names(peft_model)]
+            # All linear layers of the chosen parts (PEFT's all-linear, restricted to them), never the output head.
+            assert sorted(lora_names) == sorted(linear)
+            assert {family.part_of(name) for name in lora_names} == parts
+
+    @pytest.mark.parametrize("family_name", FAMILY_PARAMS)
+    def test_explicit_targets_are_honoured_within_the_chosen_parts(self, family_name, tiny_model_dirs):
+        model_dir = tiny_model_dirs[family_name]
+        model = load_model(model_config(model_dir))
+        family = family_of_model(model)
+        names = [name for name, _ in model.named_modules()]
+        requested = [name for name in names if re.search(r"\.(q_proj|gate_proj)$", name)]
+        for lora_vision, parts in ((False, {"language"}), (True, {"vision", "projector", "language"})):
+            args = model_config(model_dir, use_peft=True, lora_target_modules=["q_proj", "gate_proj"])
+            args.lora_vision = lora_vision
+            regex = lora_target_modules_for(model, args)
+            targets = [name for name in names if re.fullmatch(regex, name)]
+            assert targets == [name for name in requested if family.part_of(name) in parts]
+        # A single name (TRL turns a one-item list into a string, a regex to PEFT) is still a name.
+        single = lora_target_modules_for(model, model_config(model_dir, use_peft=True, lora_target_modules=["v_proj"]))
+        assert [n for n in names if re.fullmatch(single, n)] == [
+            n for n in names if n.endswith(".v_proj") and family.part_of(n) == "language"
+        ]
+
+    def test_qwen2_5_vl_gate_proj_of_the_vision_blocks_only_with_lora_vision(self, tiny_model_dirs):
+        if "qwen2_5_vl" not in TINY_FAMILIES or not registered("qwen2_5_vl"):
+            pytest.skip("no tiny Qwen2.5-VL")
+        model = load_model(model_config(tiny_model_dirs["qwen2_5_vl"]))
+        vision_gate = [name for name, _ in model.named_modules() if name.startswith("model.visual.blocks.")]
+        vision_gate = [name for name in vision_gate if name.endswith("gate_proj")]
+        assert vision_gate  # the name clash that bare-name targeting gets wrong
+        for lora_vision, expected in ((False, False), (True, True)):
+            args = model_config(tiny_model_dirs["qwen2_5_vl"], use_peft=True, lora_vision=lora_vision)
+            regex = lora_target_modules_for(model, args)
+            assert all(bool(re.fullmatch(regex, name)) == expected for name in vision_gate)
+
+    def test_targets_that_match_nothing_or_only_vision_stop_with_the_key(self, tiny_model_dirs):
+        model_dir = tiny_model_dirs["qwen2_vl"]
+        model = load_model(model_config(model_dir))
+        with pytest.raises(ValueError, match="lora_target_modules.*matches no module"):
+            lora_target_modules_for(model, model_config(model_dir, use_peft=True, lora_target_modules=["nope_proj"]))
+        with pytest.raises(ValueError, match="lora_vision: true"):
+            lora_target_modules_for(model, model_config(model_dir, use_peft=True, lora_target_modules=["qkv", "fc1"]))
+
+    def test_frozen_part_gets_no_lora(self, tiny_model_dirs):
+        model_dir = tiny_model_dirs["qwen2_vl"]
+        model = load_model(model_config(model_dir))
+        family = family_of_model(model)
+        args = model_config(model_dir, use_peft=True, lora_vision=True, freeze_vision_tower=True)
+        regex = lora_target_modules_for(model, args)
+        parts = {family.part_of(name) for name, _ in model.named_modules() if re.fullmatch(regex, name)}
+        assert parts == {"projector", "language"}
+
+    def test_modules_trained_in_full_get_no_adapter(self, tiny_model_dirs):
+        model_dir = tiny_model_dirs["qwen2_vl"]
+        model = load_model(model_config(model_dir))
+        regex = lora_target_modules_for(model, model_config(model_dir, use_peft=True, lora_modules_to_save=["o_proj"]))
+        targets = [name for name, _ in model.named_modules() if re.fullmatch(regex, name)]
+        assert targets and not any(name.endswith("o_proj") for name in targets)
+        assert any(name.endswith("q_proj") for name in targets)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+class TestQuantisedLoading:
+    @pytest.mark.parametrize("family_name", FAMILY_PARAMS)
+    def test_4bit_nf4_double_quant_compute_dtype(self, family_name, tiny_model_dirs, tmp_path):
+        import bitsandbytes as bnb
+
+        model_args = model_config(tiny_model_dirs[family_name], use_peft=True, load_in_4bit=True)
+        model = load_model(model_args, training_config(tmp_path))
+        family = family_of_model(model)
+        assert model.is_loaded_in_4bit
+        language_linear = [
+            module
+            for name, module in model.named_modules()
+            if family.part_of(name) == "language" and isinstance(module, torch.nn.Linear) and name != "lm_head"
+        ]
+        assert language_linear and all(isinstance(module, bnb.nn.Linear4bit) for module in language_linear)
+        state = language_linear[0].weight.quant_state
+        assert state.quant_type == "nf4" and state.nested  # NF4 + double quantisation by default
+        assert language_linear[0].compute_dtype == torch.float32  # dtype float32, no mixed precision
+        assert language_linear[0].weight.dtype == torch.uint8
+
+    def test_compute_dtype_follows_the_training_dtype(self, tmp_path):
+        assert training_dtype(model_config("m"), training_config(tmp_path, bf16=True)) == torch.bfloat16
+        assert training_dtype(model_config("m"), training_config(tmp_path)) == torch.float32
+        assert training_dtype(VLMModelConfig(dtype="float16"), training_config(tmp_path)) == torch.float16
+        auto = VLMModelConfig(dtype="auto", use_peft=True, load_in_4bit=True)
+        config = quantization_config_for(auto, training_config(tmp_path, bf16=True))
+        assert config.bnb_4bit_compute_dtype == torch.bfloat16
+        assert config.bnb_4bit_quant_type == "nf4" and config.bnb_4bit_use_double_quant
+        storage = VLMModelConfig(use_peft=True, load_in_4bit=True, bnb_4bit_quant_storage="bfloat16")
+        assert quantization_config_for(storage).bnb_4bit_quant_storage == torch.bfloat16
+
+    def test_8bit_loads(self, tiny_model_dirs, tmp_path):
+        import bitsandbytes as bnb
+
+        model_args = model_config(tiny_model_dirs["qwen2_vl"], use_peft=True, load_in_8bit=True)
+        model = load_model(model_args, training_config(tmp_path))
+        assert model.is_loaded_in_8bit
+        layer = model.model.language_model.layers[0].mlp.down_proj
+        assert isinstance(layer, bnb.nn.Linear8bitLt) and layer.weight.dtype == torch.int8
+
+
+# --------------------------------------------------------------------------------------------------------------------
+class TestErrors:
+    def test_4bit_and_8bit_together(self):
+        with pytest.raises(ValueError, match="set only one: `load_in_4bit: true`"):
+            VLMModelConfig(use_peft=True, load_in_4bit=True, load_in_8bit=True)
+
+    @pytest.mark.parametrize("key", ["load_in_4bit", "load_in_8bit"])
+    def test_quantised_without_peft(self, key):
+        with pytest.raises(ValueError, match=f"set `use_peft: true`.*--use_peft true --{key} true"):
+            VLMModelConfig(**{key: True})
+
+    def test_recipe_errors_are_one_line(self, tmp_path):
+        recipe = tmp_path / "r.yaml"
+        recipe.write_text(yaml.safe_dump({"model_name_or_path": "m", "output_dir": str(tmp_path), "use_cpu": True}))
+        with pytest.raises(RecipeError, match="use_peft: true"):
+            parse_recipe([str(recipe), "--load_in_4bit", "true"])
+        _, _, model_args = parse_recipe([str(recipe), "--use_peft", "true", "--load_in_4bit", "true"])
+        assert model_args.use_bnb_nested_quant and model_args.bnb_4bit_quant_type == "nf4"
+
+    def test_zero3_quant_storage_must_equal_compute_dtype(self, tmp_path):
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        zero3 = {"zero_optimization": {"stage": 3}, "bf16": {"enabled": "auto"}}
+        try:
+            args = training_config(tmp_path, bf16=True, deepspeed=zero3)
+            assert deepspeed_zero_stage(args) == 3
+            wrong = VLMModelConfig(use_peft=True, load_in_4bit=True, bnb_4bit_quant_storage="float32")
+            with pytest.raises(ValueError, match="set `bnb_4bit_quant_storage: bfloat16`"):
+                check_quantization_for_zero3(wrong, args)
+            right = VLMModelConfig(use_peft=True, load_in_4bit=True, bnb_4bit_quant_storage="bfloat16")
+            check_quantization_for_zero3(right, args)
+            unset = VLMModelConfig(use_peft=True, load_in_4bit=True)
+            check_quantization_for_zero3(unset, args)
+            assert quantization_config_for(unset, args).bnb_4bit_quant_storage == torch.bfloat16  # filled in
+            # Frozen weights under ZeRO-3 (LoRA, a frozen part): reentrant checkpointing; full fine-tuning: not.
+            assert use_reentrant_checkpointing(VLMModelConfig(use_peft=True), args)
+            assert use_reentrant_checkpointing(VLMModelConfig(freeze_vision_tower=True), args)
+            assert not use_reentrant_checkpointing(VLMModelConfig(), args)
+            with pytest.raises(ValueError, match="load_in_8bit.*ZeRO-3.*load_in_4bit: true"):
+                check_quantization_for_zero3(VLMModelConfig(use_peft=True, load_in_8bit=True), args)
+            with pytest.raises(ValueError, match="remove that section"):
+                optimizer = {"optimizer": {"type": "AdamW", "params": {"lr": "auto"}}}
+                check_training_setup(
+                    VLMModelConfig(vision_tower_lr=1e-5),
+                    training_config(tmp_path, bf16=True, deepspeed={**zero3, **optimizer}),
+                )
+        finally:
+            unset_hf_deepspeed_config()  # the DeepSpeed config is process-global; later loads must not see ZeRO-3
+        check_quantization_for_zero3(wrong, training_config(tmp_path))  # no DeepSpeed: nothing to check
+        assert not use_reentrant_checkpointing(VLMModelConfig(use_peft=True), training_config(tmp_path))
+
+    def test_unknown_family_needs_explicit_targets(self, tiny_model_dirs):
+        model = load_model(model_config(tiny_model_dirs["qwen2_vl"]))
+        model.config.model_type = "not_a_family"
+        with pytest.raises(UnknownFamilyError):
+            peft_config_for(model, model_config("m", use_peft=True))
+        config = peft_config_for(model, model_config("m", use_peft=True, lora_target_modules=["q_proj", "v_proj"]))
+        assert set(config.target_modules) == {"q_proj", "v_proj"}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+class TestFreezingAndParameterGroups:
+    def test_freeze_flags_and_groups_with_part_learning_rates(self, tiny_model_dirs, tmp_path):
+        model_args = model_config(
+            tiny_model_dirs["qwen2_vl"], freeze_vision_tower=True, projector_lr=1e-3, language_model_lr=2e-4
+        )
+        model = load_model(model_args, training_config(tmp_path))
+        family = family_of_model(model)
+        for name, parameter in model.named_parameters():
+            assert parameter.requires_grad == (family.part_of(name) != "vision"), name
+        decay = [name for name, _ in model.named_parameters() if not name.endswith("bias") and "norm" not in name]
+        groups = part_parameter_groups(model, model_args, 5e-5, 0.1, decay)
+        part_of = {id(p): family.part_of(name) for name, p in model.named_parameters()}
+        lrs = {}
+        for group in groups:
+            parts = {part_of[id(p)] for p in group["params"]}
+            assert len(parts) == 1
+            lrs.setdefault(parts.pop(), set()).add(group["lr"])
+            in_group = {id(p) for p in group["params"]}
+            decays = {name in decay for name, p in model.named_parameters() if id(p) in in_group}
+            assert decays == {group["weight_decay"] > 0}
+        assert lrs == {"projector": {1e-3}, "language": {2e-4}}
+        assert sum(len(group["params"]) for group in groups) == sum(p.requires_grad for p in model.parameters())
+
+
+# --------------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+class TestTraining:
+    @pytest.mark.parametrize("family_name", FAMILY_PARAMS)
+    def test_qlora_changes_only_lora_and_stays_4bit(self, family_name, tiny_model_dirs, train_dataset, tmp_path):
+        import bitsandbytes as bnb
+
+        model_args = model_config(tiny_model_dirs[family_name], use_peft=True, load_in_4bit=True, lora_r=4)
+        trainer = make_trainer(tiny_model_dirs[family_name], train_dataset, model_args, training_config(tmp_path))
+        changed = train(trainer)
+        family = family_of_model(trainer.model)
+        assert changed and all(".lora_" in name for name in changed), sorted(changed)[:5]
+        assert any(".lora_B." in name for name in changed)
+        lora_modules = {
+            name: module for name, module in trainer.model.named_modules() if isinstance(module, LoraLayer)
+        }
+        assert lora_modules and {family.part_of(name) for name in lora_modules} == {"language"}
+        assert all(isinstance(module.base_layer, bnb.nn.Linear4bit) for module in lora_modules.values())
+        assert all(module.base_layer.weight.dtype == torch.uint8 for module in lora_modules.values())
+        vision_linear = [
+            module
+            for name, module in trainer.model.named_modules()
+            if family.part_of(name) == "vision" and isinstance(module, torch.nn.Linear)
+        ]
+        assert vision_linear and all(isinstance(module, bnb.nn.Linear4bit) for module in vision_linear)
+
+    def test_8bit_lora_trains(self, tiny_model_dirs, train_dataset, tmp_path):
+        import bitsandbytes as bnb
+
+        model_args = model_config(tiny_model_dirs["qwen2_vl"], use_peft=True, load_in_8bit=True, lora_r=4)
+        trainer = make_trainer(tiny_model_dirs["qwen2_vl"], train_dataset, model_args, training_config(tmp_path))
+        changed = train(trainer)
+        assert changed and all(".lora_" in name for name in changed)
+        layer = trainer.model.base_model.model.model.language_model.layers[0].mlp.down_proj.base_layer
+        assert isinstance(layer, bnb.nn.Linear8bitLt) and layer.weight.dtype == torch.int8
+
+    def test_frozen_vision_tower_stays_put_and_groups_carry_part_lrs(self, tiny_model_dirs, train_dataset, tmp_path):
+        model_args = model_config(
+            tiny_model_dirs["qwen2_vl"], freeze_vision_tower=True, projector_lr=3e-3, language_model_lr=2e-3
+        )
+        trainer = make_trainer(
+            tiny_model_dirs["qwen2_vl"], train_dataset, model_args, training_config(tmp_path, weight_decay=0.01)
+        )
+        changed = train(trainer)
+        family = family_of_model(trainer.model)
+        changed_parts = {family.part_of(name) for name in changed}
+        assert changed_parts == {"projector", "language"}  # nothing in the frozen vision tower moved
+        part_of = {id(p): family.part_of(name) for name, p in trainer.model.named_parameters()}
+        by_part = {}
+        for group in trainer.optimizer.param_groups:
+            by_part.setdefault(part_of[id(group["params"][0])], set()).add(
+                (group["initial_lr"], group["weight_decay"])
+            )
+        assert by_part == {"projector": {(3e-3, 0.01), (3e-3, 0.0)}, "language": {(2e-3, 0.01), (2e-3, 0.0)}}
+
+    @pytest.mark.parametrize(
+        "family_name, use_reentrant",
+        # Qwen3-VL under reentrant checkpointing: its vision tower exposes no input embeddings, so transformers'
+        # `enable_input_require_grads` (which TRL calls) does not reach its blocks; `VLMSFTTrainer` has to.
+        [("qwen2_vl", False), ("qwen3_vl", True)],
+    )
+    def test_gradient_checkpointing_trains_lora_in_every_part(
+        self, family_name, use_reentrant, tiny_model_dirs, train_dataset, tmp_path
+    ):
+        """Non-reentrant (our default) and reentrant (ours under ZeRO-3 with frozen weights): every adapter gets
+        gradients, those in checkpointed vision blocks fed by frozen pixel inputs too."""
+        if family_name not in tiny_model_dirs or not registered(family_name):
+            pytest.skip(f"no tiny {family_name} in the registry")
+        model_args = model_config(tiny_model_dirs[family_name], use_peft=True, lora_r=4, lora_vision=True)
+        args = training_config(
+            tmp_path, gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": use_reentrant}
+        )
+        trainer = make_trainer(tiny_model_dirs[family_name], train_dataset, model_args, args)
+        changed = train(trainer)
+        checkpointed = [m for m in trainer.model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        assert checkpointed and all(module.gradient_checkpointing for module in checkpointed)
+        family = family_of_model(trainer.model)
+        assert all(".lora_" in name for name in changed)
+        lora_b = [name for name, _ in trainer.model.named_parameters() if ".lora_B." in name]
+        assert {family.part_of(name) for name in lora_b} == {"vision", "projector", "language"}
+        assert set(lora_b) <= changed, sorted(set(lora_b) - changed)[:4]
+
+    def test_gradient_checkpointing_defaults_to_non_reentrant(self, tiny_model_dirs, train_dataset, tmp_path):
+        model_args = model_config(tiny_model_dirs["qwen2_vl"], use_peft=True, lora_r=4, freeze_vision_tower=True)
+        args = training_config(tmp_path, gradient_checkpointing=True, max_steps=1)
+        trainer = make_trainer(tiny_model_dirs["qwen2_vl"], train_dataset, model_args, args)
+        assert args.activation_checkpointing_kwargs == {"use_reentrant": False}
+        assert any(".lora_B." in name for name in train(trainer))
+
+    def test_sft_script_qlora_from_the_command_line(self, tmp_path, tiny_model_dirs, shapes_dir):
+        """`--use_peft true --load_in_4bit true` turns a demo recipe into QLoRA, end to end."""
+        output = tmp_path / "out"
+        result = run_script(
+            [
+                "scripts/sft.py",
+                "recipes/demo/shapes_qwen2vl.yaml",
+                "--use_peft",
+                "true",
+                "--load_in_4bit",
+                "true",
+                "--lora_r",
+                "4",
+                "--max_steps",
+                "3",
+                "--output_dir",
+                str(output),
+                "--model_name_or_path",
+                str(tiny_model_dirs["qwen2_vl"]),
+                "--dataset_path",
+                str(shapes_dir),
+                "--verify_saved_model",
+                "false",
+            ],
+            cwd=REPO_ROOT,
+        )
+        assert result.returncode == 0, result.stderr[-4000:]
+        assert "(steps: 3)" in result.stdout
+        log = result.stderr
+        assert "4-bit nf4, double quantisation True, compute torch.float32" in log
+        assert "LoRA on all linear layers: 14 module(s) in the language model" in log
+        from safetensors.torch import load_file
+
+        adapter = load_file(output / "adapter_model.safetensors")
+        assert adapter and all("language_model" in name for name in adapter)
