@@ -455,7 +455,7 @@ def _train_ours(workspace: Workspace, settings: Settings, sampling: str) -> dict
         main(*workspace.recipe_args("shapes_qwen2vl", overrides))
     if len(recorders) != 1:
         raise RuntimeError(f"Expected scripts/sft.py to build one trainer, saw {len(recorders)}.")
-    return {**recorders[0].rates(settings.warmup), "train_sampling_strategy": _strategy(recorders[0].args)}
+    return {**recorders[0].rates(settings.warmup), **_loading(recorders[0].args)}
 
 
 def _train_stock_trl(workspace: Workspace, settings: Settings) -> dict[str, float]:
@@ -466,9 +466,13 @@ def _train_stock_trl(workspace: Workspace, settings: Settings) -> dict[str, floa
 
     from vlm_recipes.collator import normalize_messages
     from vlm_recipes.data import BadRowReport
+    from vlm_recipes.lengths import apply_data_loading_defaults
     from vlm_recipes.tasks import task_from_args
 
     script_args, training_args, model_args = workspace.recipe_args("shapes_qwen2vl", _shared_overrides(settings))
+    # Equal settings: the data loading (workers, pinned memory) that scripts/sft.py's path gets on this machine; the
+    # sampler stays TRL's own.
+    apply_data_loading_defaults(training_args, getattr(script_args, "keys_set", None))
     data_dir = Path(script_args.dataset_path)
     rows = task_from_args(script_args).load_rows(data_dir, script_args.dataset_train_split, data_dir, BadRowReport())
     records = [{"images": row["images"], "messages": normalize_messages(row["messages"])} for row in rows]
@@ -483,6 +487,9 @@ def _train_stock_trl(workspace: Workspace, settings: Settings) -> dict[str, floa
         max_length=training_args.max_length,
         gradient_checkpointing=training_args.gradient_checkpointing,
         bf16=training_args.bf16,
+        dataloader_num_workers=training_args.dataloader_num_workers,
+        dataloader_pin_memory=training_args.dataloader_pin_memory,
+        dataloader_persistent_workers=training_args.dataloader_persistent_workers,
         use_cpu=True,
         seed=training_args.seed,
         save_strategy="no",
@@ -495,12 +502,16 @@ def _train_stock_trl(workspace: Workspace, settings: Settings) -> dict[str, floa
     recorder = StepRecorder(trainer)
     with contextlib.redirect_stdout(io.StringIO()):
         trainer.train()
-    return {**recorder.rates(settings.warmup), "train_sampling_strategy": _strategy(trainer.args)}
+    return {**recorder.rates(settings.warmup), **_loading(trainer.args)}
 
 
-def _strategy(args) -> str:
+def _loading(args) -> dict[str, Any]:
+    """How a timed trainer drew its batches: sampler and data-loading workers."""
     strategy = getattr(args, "train_sampling_strategy", "random")
-    return str(getattr(strategy, "value", strategy))
+    return {
+        "train_sampling_strategy": str(getattr(strategy, "value", strategy)),
+        "dataloader_num_workers": args.dataloader_num_workers,
+    }
 
 
 def benchmark_training(workspace: Workspace, settings: Settings) -> dict[str, Any]:
@@ -515,7 +526,7 @@ def benchmark_training(workspace: Workspace, settings: Settings) -> dict[str, An
             key: median([run[key] for run in results])
             for key in ("samples_per_second", "tokens_per_second", "padding_fraction")
         }
-        | {"train_sampling_strategy": results[0]["train_sampling_strategy"]}
+        | {key: results[0][key] for key in ("train_sampling_strategy", "dataloader_num_workers")}
         for name, results in runs.items()
     }
     return {

@@ -111,6 +111,19 @@ def assert_finished(returncode: int, output: str, engine: str, machines: int = 1
     assert "got a masked dummy image" in output, output[-3000:]
 
 
+def image_tokens_per_image(model_dir: Path) -> int:
+    """Image tokens the tiny model's processor makes of one 56 x 56 data-set image."""
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "x"}]}], tokenize=False
+    )
+    input_ids = processor(text=[text], images=[Image.new("RGB", (56, 56))], return_tensors="pt")["input_ids"]
+    return int((input_ids == processor.image_token_id).sum())
+
+
 def safetensors_of(directory: Path, prefix: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -616,6 +629,13 @@ class TestMultiProcessRuns:
         )
         assert_finished(returncode, output, "DDP (CPU, gloo)")
         assert_complete_model(output_dir, model_dir)
+        # The compute report sums both processes: rows 0-3 (2 steps x 1 row x 2 processes), of which 1 and 3 have an
+        # image; process 0's dummy images are computed but are not data (padding, not image tokens).
+        report = json.loads((output_dir / "compute_report.json").read_text())
+        assert report["num_processes"] == 2 and report["samples_seen"] == 4 and report["global_step"] == 2
+        assert report["image_tokens"] == 2 * image_tokens_per_image(model_dir)
+        assert report["tokens_seen"] == report["trainer"]["num_tokens"]  # SFTTrainer's count over both processes
+        assert report["padded_tokens"] > report["tokens_seen"] and report["supervised_tokens"] > 0
 
     def test_zero2_qlora(self, tiny_run_inputs, tmp_path):
         model_dir, data_dir = tiny_run_inputs
@@ -639,17 +659,20 @@ class TestMultiProcessRuns:
         assert_complete_model(output_dir, model_dir)
 
     def test_zero3_qlora_with_evaluation_after_training(self, tiny_run_inputs, tmp_path):
-        """QLoRA under ZeRO-3 with the storage dtype left unset (it becomes the compute dtype); evaluation by
-        generation after training reloads the saved adapter on rank 0, outside ZeRO-3."""
+        """QLoRA under ZeRO-3 with the storage dtype left unset (it becomes the compute dtype) and gradient
+        checkpointing; evaluation by generation after training reloads the saved adapter on rank 0, outside ZeRO-3."""
         model_dir, data_dir = tiny_run_inputs
         output_dir = tmp_path / "zero3-qlora"
         qlora = ["--use_peft", "true", "--load_in_4bit", "true", "--lora_r", "4"]
         evaluation = ["--eval_after_train", "true", "--max_new_tokens", "3", "--verify_saved_model", "false"]
+        # As the real recipes train: gradient checkpointing on (reentrant under ZeRO-3 with a frozen base).
+        checkpointing = ["--gradient_checkpointing", "true"]
         returncode, output = accelerate_launch(
             "deepspeed_zero3.yaml",
             *tiny_recipe_args(model_dir, data_dir, output_dir),
             *DEEPSPEED_ON_CPU,
             *qlora,
+            *checkpointing,
             *evaluation,
         )
         assert_finished(returncode, output, "DeepSpeed ZeRO-3")

@@ -5,6 +5,7 @@ import importlib.util
 import json
 import re
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from vlm_recipes.families import (
     detect_family,
     family_of_model,
     family_of_processor,
+    model_class_for,
     module_part,
 )
 from vlm_recipes.tiny import TINY_FAMILIES
@@ -139,6 +141,30 @@ class TestDetection:
         assert set(REGISTRY_NAME.values()) == shipped
         for name in TINY_FAMILIES:
             assert TINY_FAMILIES[name].model_type in FAMILIES[REGISTRY_NAME[name]].model_types
+
+    def test_loading_class_follows_the_family(self, tiny_model_dirs, monkeypatch):
+        """Phi-3-vision's remote code registers AutoModelForCausalLM only: `load_model` must load it through that."""
+        import transformers
+
+        from vlm_recipes.configs import VLMModelConfig
+        from vlm_recipes.models import load_model
+
+        assert model_class_for("microsoft/Phi-3.5-vision-instruct") is transformers.AutoModelForCausalLM
+        assert model_class_for(tiny_model_dirs["qwen2_vl"]) is AutoModelForImageTextToText
+        assert model_class_for("someone/unknown-model") is AutoModelForImageTextToText
+
+        class Loaded(Exception):
+            pass
+
+        def refuse(*args, **kwargs):
+            raise Loaded(args[0])
+
+        monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+        model_args = VLMModelConfig(model_name_or_path="microsoft/Phi-3.5-vision-instruct")
+        with pytest.raises(ValueError, match="needs remote code: set `trust_remote_code: true`"):
+            load_model(model_args, SimpleNamespace(trust_remote_code=False))
+        with pytest.raises(Loaded, match="Phi-3.5-vision"):
+            load_model(model_args, SimpleNamespace(trust_remote_code=True))
 
     def test_peft_wrapper_names_are_stripped(self):
         family = FAMILIES["qwen2_vl"]

@@ -271,6 +271,13 @@ class TestErrors:
         _, _, model_args = parse_recipe([str(recipe), "--use_peft", "true", "--load_in_4bit", "true"])
         assert model_args.use_bnb_nested_quant and model_args.bnb_4bit_quant_type == "nf4"
 
+    def test_half_precision_dtype_must_match_mixed_precision(self, tmp_path):
+        with pytest.raises(ValueError, match="set `fp16: true` and `bf16: false`, or `dtype: bfloat16`"):
+            check_training_setup(VLMModelConfig(dtype="float16"), training_config(tmp_path, bf16=True))
+        check_training_setup(VLMModelConfig(dtype="bfloat16"), training_config(tmp_path, bf16=True))
+        check_training_setup(VLMModelConfig(dtype="float16"), training_config(tmp_path))  # no mixed precision
+        check_training_setup(VLMModelConfig(dtype="float32"), training_config(tmp_path, bf16=True))
+
     def test_zero3_quant_storage_must_equal_compute_dtype(self, tmp_path):
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 

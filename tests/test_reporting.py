@@ -122,6 +122,23 @@ class TestRunName:
         assert recipe_hash({**resolved, "learning_rate": 1e-4}) != match["hash"]
         assert default_run_name("chess", "outputs/tiny-models/qwen2_vl/", resolved).startswith("chess-qwen2_vl-")
 
+    def test_same_name_on_every_machine(self, tmp_path, monkeypatch):
+        """The data-loading defaults depend on the machine's CPUs; the default run name must not."""
+        from vlm_recipes import lengths
+        from vlm_recipes.lengths import apply_data_loading_defaults
+
+        recipe = REPO_ROOT / "recipes" / "ui_actions_qwen2vl.yaml"
+        names, workers = set(), set()
+        for cpus in (2, 16):
+            monkeypatch.setattr(lengths, "_usable_cpus", lambda cpus=cpus: cpus)
+            arguments = [str(recipe), "--output_dir", str(tmp_path), "--bf16", "false"]
+            script_args, training_args, model_args = parse_recipe(arguments)
+            apply_data_loading_defaults(training_args, script_args.keys_set)  # as scripts/sft.py does, first
+            start_run_tracking(script_args, training_args, model_args, environ={})
+            names.add(training_args.run_name)
+            workers.add(training_args.dataloader_num_workers)
+        assert len(workers) == 2 and len(names) == 1, (workers, names)
+
     def test_default_unless_set_and_wandb_name_wins(self, tmp_path):
         recipe = REPO_ROOT / "recipes" / "ui_actions_qwen2vl.yaml"  # reports to W&B
         common = ["--output_dir", str(tmp_path / "out"), "--wandb_project", "from-recipe", "--bf16", "false"]

@@ -30,6 +30,8 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from .families import detect_family, model_class_for
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -588,7 +590,7 @@ def merge_adapter(
     """
     import torch
     from peft import PeftModel
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, GenerationConfig
+    from transformers import AutoConfig, AutoProcessor, GenerationConfig
 
     adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
@@ -610,7 +612,7 @@ def merge_adapter(
             "--base_model with the original, unquantised model."
         )
     logger.info("Merging %s into %s (%s, from %s) in %s", adapter_dir, base.name, base.path, base.source, dtype)
-    model = AutoModelForImageTextToText.from_pretrained(
+    model = model_class_for(base.path).from_pretrained(
         base.path, dtype=dtype if dtype == "auto" else getattr(torch, dtype), trust_remote_code=trust_remote_code
     )
     merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload(progressbar=True)
@@ -723,7 +725,6 @@ def check_model(
     import torch
 
     from .evaluation import load_for_generation
-    from .families import detect_family
 
     result = ModelCheck(str(path))
     try:

@@ -411,25 +411,29 @@ class VisionChatCollator:
         encoded, offsets, replacements = self._process(rows)
         too_long = self._check_lengths(rows, encoded)
         if too_long:
-            self.num_dropped += len(too_long)
-            self.dropped_names.extend(rows[i].name for i in too_long)
-            logger.warning(
-                "Dropped %d sample(s) over max_length=%d: %s (%d dropped so far).",
-                len(too_long),
-                self.max_length,
-                ", ".join(rows[i].name for i in too_long),
-                self.num_dropped,
-            )
-            kept = [i for i in range(len(rows)) if i not in set(too_long)]
-            if not kept:
-                raise ValueError(
-                    f"Every sample of this batch is over max_length={self.max_length}; filter the dataset first "
-                    "(`VisionChatCollator.filter_too_long`), raise `max_length` or lower the image pixel budget."
-                )
-            rows = [rows[i] for i in kept]
+            rows = self._drop(rows, too_long)
             encoded, offsets, replacements = self._process(rows)
         encoded["labels"] = self._labels(rows, encoded, offsets, replacements)
         return encoded, rows, offsets, replacements
+
+    def _drop(self, rows: list, too_long: list[int]) -> list:
+        """The rows left after dropping those at `too_long` (with `too_long: drop`), counted, named and logged."""
+        self.num_dropped += len(too_long)
+        self.dropped_names.extend(rows[i].name for i in too_long)
+        logger.warning(
+            "Dropped %d sample(s) over max_length=%d: %s (%d dropped so far).",
+            len(too_long),
+            self.max_length,
+            ", ".join(rows[i].name for i in too_long),
+            self.num_dropped,
+        )
+        kept = [row for i, row in enumerate(rows) if i not in set(too_long)]
+        if not kept:
+            raise ValueError(
+                f"Every sample of this batch is over max_length={self.max_length}; filter the dataset first "
+                "(`VisionChatCollator.filter_too_long`), raise `max_length` or lower the image pixel budget."
+            )
+        return kept
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch, _, _, _ = self.encode(examples)

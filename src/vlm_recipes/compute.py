@@ -12,11 +12,12 @@ Definitions (also written into the report under `definitions`):
 - `samples_seen`: rows of the batches consumed, over all processes and micro-batches (a sample drawn twice, in two
   epochs or as accelerate's padding of an uneven last batch, counts twice).
 - `tokens_seen`: non-padding tokens (`attention_mask` sum), image tokens included; SFTTrainer's `num_tokens`.
-- `padded_tokens`: all positions of the batches (`input_ids.numel()`), padding included.
+- `padded_tokens`: all positions of the batches (`input_ids.numel()`), padding included (and the masked dummy image
+  that a text-only batch gets in runs of several processes, `vlm_recipes.distributed`: computed, but not data).
 - `padding_fraction`: `1 - tokens_seen / padded_tokens`.
 - `supervised_tokens`: positions whose label is not -100 (the tokens that carry loss).
-- `image_tokens`: positions holding the processor's image token (`processor.image_token_id`), the placeholders that
-  the vision features replace.
+- `image_tokens`: attended positions holding the processor's image token (`processor.image_token_id`), the
+  placeholders that the vision features replace.
 - `wall_seconds`: from the start to the end of `trainer.train()` (model loading and evaluation not included).
 - `gpu_hours`: `wall_seconds * device_count / 3600` on GPUs (`null` on CPU); `cpu_hours`: `wall_seconds *
   num_processes / 3600` on CPU, process-hours rather than core-hours (`null` on GPU).
@@ -57,10 +58,10 @@ COUNTERS = ("samples_seen", "tokens_seen", "padded_tokens", "supervised_tokens",
 DEFINITIONS = {
     "samples_seen": "rows of the batches consumed by training_step, summed over processes and micro-batches",
     "tokens_seen": "non-padding tokens (attention_mask sum), image tokens included; SFTTrainer's num_tokens",
-    "padded_tokens": "all batch positions (input_ids.numel()), padding included",
+    "padded_tokens": "all batch positions (input_ids.numel()), padding and masked dummy images included",
     "padding_fraction": "1 - tokens_seen / padded_tokens",
     "supervised_tokens": "positions whose label is not -100",
-    "image_tokens": "positions holding the processor's image token (image_token_id)",
+    "image_tokens": "attended positions holding the processor's image token (image_token_id)",
     "wall_seconds": "from the start to the end of trainer.train()",
     "gpu_hours": "wall_seconds * device_count / 3600 on GPUs; null on CPU",
     "cpu_hours": "wall_seconds * num_processes / 3600 on CPU (process-hours, not core-hours); null on GPU",
@@ -111,13 +112,17 @@ class ComputeReportCallback(TrainerCallback):
         attention_mask = inputs.get("attention_mask")
         labels = inputs.get("labels")
         zero = torch.zeros((), dtype=torch.int64, device=input_ids.device)
+        image_tokens = input_ids == self.image_token_id if self.image_token_id is not None else None
+        if image_tokens is not None and attention_mask is not None:
+            # The masked dummy image of a text-only batch (`distributed.ImageInEveryBatch`) is not data seen.
+            image_tokens &= attention_mask.bool()
         batch = torch.stack(
             [
                 torch.tensor(input_ids.shape[0], dtype=torch.int64, device=input_ids.device),
                 attention_mask.sum().to(torch.int64) if attention_mask is not None else zero + input_ids.numel(),
                 zero + input_ids.numel(),
                 (labels != IGNORE_INDEX).sum().to(torch.int64) if labels is not None else zero,
-                (input_ids == self.image_token_id).sum().to(torch.int64) if self.image_token_id is not None else zero,
+                image_tokens.sum().to(torch.int64) if image_tokens is not None else zero,
             ]
         )
         self.counts = batch if self.counts is None else self.counts + batch.to(self.counts.device)
@@ -126,6 +131,7 @@ class ComputeReportCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if torch.cuda.is_available() and args.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(args.device)
+        self.counts = None  # one report per `train()` call (a retry of `auto_find_batch_size` starts again)
         self.start_time = time.perf_counter()
 
     def on_train_end(self, args, state, control, **kwargs):

@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from .families import model_class_for
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -303,13 +305,12 @@ def keep_checkpoint_key_names(model, model_args, trust_remote_code: bool = False
     Here the rules a plain load records are taken from a weightless (`meta` device) load of the same checkpoint.
     Does nothing outside ZeRO-3.
     """
-    from transformers import AutoModelForImageTextToText
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     if not is_deepspeed_zero3_enabled() or getattr(model, "_weight_conversions", None) is None:
         return
     with without_zero3_sharding():
-        reference = AutoModelForImageTextToText.from_pretrained(
+        reference = model_class_for(model_args.model_name_or_path).from_pretrained(
             model_args.model_name_or_path,
             revision=model_args.model_revision,
             trust_remote_code=trust_remote_code,

@@ -15,6 +15,7 @@ import torch
 
 from .chat_templates import fill_missing_chat_template
 from .collator import normalize_messages, special_tokens_kwargs
+from .families import model_class_for
 from .reporting import log_evaluation
 from .tasks.base import Task
 
@@ -44,7 +45,7 @@ def load_for_generation(model_path: str | Path, base_model: str | None = None, t
     The base model of an adapter is read from its `adapter_config.json` unless `base_model` is given. The processor
     comes from the directory itself when it holds processor files (our outputs always do), else from the base.
     """
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoProcessor
 
     model_path = Path(model_path)
     if not model_path.exists():
@@ -53,7 +54,7 @@ def load_for_generation(model_path: str | Path, base_model: str | None = None, t
         from peft import PeftModel
 
         base = base_model or adapter_base(model_path)
-        model = AutoModelForImageTextToText.from_pretrained(base, trust_remote_code=trust_remote_code)
+        model = model_class_for(base).from_pretrained(base, trust_remote_code=trust_remote_code)
         model = PeftModel.from_pretrained(model, model_path)
         has_processor = any(
             (model_path / name).is_file() for name in ("processor_config.json", "tokenizer_config.json")
@@ -62,7 +63,7 @@ def load_for_generation(model_path: str | Path, base_model: str | None = None, t
             model_path if has_processor else base, trust_remote_code=trust_remote_code
         )
     else:
-        model = AutoModelForImageTextToText.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        model = model_class_for(model_path).from_pretrained(model_path, trust_remote_code=trust_remote_code)
         processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     # Florence-2's processor drops a saved chat template on reload; PaliGemma ships none.
     fill_missing_chat_template(processor)

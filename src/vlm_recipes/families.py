@@ -35,6 +35,7 @@ __all__ = [
     "detect_family",
     "family_of_model",
     "family_of_processor",
+    "model_class_for",
     "module_part",
     "processor_layout",
 ]
@@ -71,6 +72,9 @@ class ModelFamily:
         chat_template (`str`, *optional*): name of a template in `vlm_recipes.chat_templates` in the family's own
             prompt format, for checkpoints that ship no chat template (PaliGemma, Florence-2).
         notes (`str`): what a user should know (untested paths, checkpoints to prefer).
+        auto_model_class (`str`, defaults to `"AutoModelForImageTextToText"`): the transformers auto class that
+            loads the family's checkpoints (remote-code families register theirs elsewhere, e.g. Phi-3-vision's
+            `AutoModelForCausalLM`).
     """
 
     name: str
@@ -85,6 +89,7 @@ class ModelFamily:
     layout: str = "causal"
     chat_template: str | None = None
     notes: str = ""
+    auto_model_class: str = "AutoModelForImageTextToText"
 
     def __post_init__(self):
         if self.layout not in LAYOUTS:
@@ -232,9 +237,10 @@ FAMILIES: dict[str, ModelFamily] = {
             language_prefixes=("model.embed_tokens", "model.layers", "model.norm", "lm_head"),
             image_tokens=("<|image_1|>",),
             trust_remote_code=True,
+            auto_model_class="AutoModelForCausalLM",
             notes=(
-                "Remote code (`trust_remote_code: true`), loaded by AutoModelForCausalLM: detection and prefixes "
-                "only, untested offline; `scripts/sft.py` loads with AutoModelForImageTextToText."
+                "Remote code (`trust_remote_code: true`), loaded by AutoModelForCausalLM; untested offline (only "
+                "detection, prefixes and the choice of loading class are tested)."
             ),
         ),
     )
@@ -355,3 +361,16 @@ def detect_family(name_or_path: str | Path) -> ModelFamily:
         f"{path} has no config.json with a `model_type`, no adapter_config.json and no processor files naming a "
         "known `processor_class`; is it a model directory?"
     )
+
+
+def model_class_for(name_or_path: str | Path):
+    """The transformers auto class that loads `name_or_path`: its family's (`auto_model_class`), or
+    `AutoModelForImageTextToText` for a model of no known family (loading needs no family; what needs the parts
+    says so itself)."""
+    import transformers
+
+    try:
+        family = detect_family(name_or_path)
+    except UnknownFamilyError:
+        return transformers.AutoModelForImageTextToText
+    return getattr(transformers, family.auto_model_class)

@@ -132,21 +132,7 @@ def encode_prompt_answer(collator, examples) -> tuple[dict[str, torch.Tensor], l
     # `_check_lengths` sums an attention mask per row: here the prompt's and the answer's together.
     too_long = collator._check_lengths(rows, {"attention_mask": length_mask})
     if too_long:
-        collator.num_dropped += len(too_long)
-        collator.dropped_names.extend(rows[i].name for i in too_long)
-        logger.warning(
-            "Dropped %d sample(s) over max_length=%d: %s (%d dropped so far).",
-            len(too_long),
-            collator.max_length,
-            ", ".join(rows[i].name for i in too_long),
-            collator.num_dropped,
-        )
-        rows = [row for i, row in enumerate(rows) if i not in set(too_long)]
-        if not rows:
-            raise ValueError(
-                f"Every sample of this batch is over max_length={collator.max_length}; filter the dataset first "
-                "(`VisionChatCollator.filter_too_long`) or raise `max_length`."
-            )
+        rows = collator._drop(rows, too_long)
         batch, _ = _process(collator, rows)
     return batch, rows
 

@@ -146,9 +146,24 @@ def check_quantization_for_zero3(model_args: ModelConfig, training_args) -> None
         )
 
 
+def check_precision(model_args: ModelConfig, training_args) -> None:
+    """Stop a half-precision `dtype` that contradicts the mixed-precision flag (TRL's `SFTConfig` turns `bf16` on by
+    default): float16 weights under bf16 autocast (or the reverse) compute in neither as meant, and under DeepSpeed
+    the 4-bit compute and storage dtype (from `dtype`) would differ from the dtype ZeRO casts to (from `bf16`)."""
+    flags = [name for name in ("bf16", "fp16") if getattr(training_args, name, False)]
+    wanted = {"bfloat16": "bf16", "float16": "fp16"}.get(model_args.dtype)
+    if wanted is not None and flags and flags != [wanted]:
+        other = "bfloat16" if flags == ["bf16"] else "float16"
+        raise ValueError(
+            f"`dtype: {model_args.dtype}` with `{flags[0]}: true` mixes two half precisions: set `{wanted}: true` and "
+            f"`{flags[0]}: false`, or `dtype: {other}`."
+        )
+
+
 def check_training_setup(model_args: ModelConfig, training_args) -> None:
     """Checks that need both the model keys and the training arguments; `load_model` runs them before loading."""
     check_model_args(model_args)
+    check_precision(model_args, training_args)
     check_quantization_for_zero3(model_args, training_args)
     part_lrs = {key: value for key, value in part_learning_rates(model_args).items() if value is not None}
     ds_config = _deepspeed_config(training_args)
@@ -237,12 +252,12 @@ def _quantized_device_map(training_args) -> dict[str, int | str] | None:
 
 
 def load_model(model_args: ModelConfig, training_args=None):
-    """`AutoModelForImageTextToText` with the recipe's dtype, attention, quantisation and frozen parts.
+    """`AutoModelForImageTextToText` (or the family's own auto class) with the recipe's dtype, attention, quantisation and frozen parts.
 
     `training_args` (the run's `SFTConfig`) gives `trust_remote_code`, the training dtype (4-bit compute dtype) and
     the DeepSpeed set-up; the checks of `check_training_setup` run before anything loads.
     """
-    from transformers import AutoModelForImageTextToText
+    import transformers
 
     trust_remote_code = bool(getattr(training_args, "trust_remote_code", False))
     if training_args is not None:
@@ -263,7 +278,11 @@ def load_model(model_args: ModelConfig, training_args=None):
 
     dtype = model_args.dtype if model_args.dtype in ("auto", None) else _DTYPES[model_args.dtype]
     quantization_config = quantization_config_for(model_args, training_args)
-    model = AutoModelForImageTextToText.from_pretrained(
+    # The family's auto class (Phi-3-vision's remote code registers AutoModelForCausalLM only).
+    model_class = (
+        getattr(transformers, family.auto_model_class) if family else transformers.AutoModelForImageTextToText
+    )
+    model = model_class.from_pretrained(
         model_args.model_name_or_path,
         revision=model_args.model_revision,
         trust_remote_code=trust_remote_code,

@@ -14,8 +14,8 @@ Tracking (used by `scripts/sft.py`):
   the compute report (`vlm_recipes.compute`) is written and logged.
 - `log_evaluation` (called by `evaluation.evaluate_task`) puts the task metrics into the active W&B run's summary as
   `eval/<task>/<metric>` and logs a table of sample predictions with their images, drawn on by the task
-  (`Task.annotate_image`). Without an active run it does nothing, and W&B is never imported by this module: a run
-  with `report_to: none` stays free of it.
+  (`Task.annotate_image`). Without an active run it does nothing, and this module never imports W&B itself (TRL
+  does, when it is installed): a run with `report_to: none` starts no W&B run and writes nothing for it.
 
 Comparing runs afterwards is `vlm_recipes.comparison`'s part.
 """
@@ -65,9 +65,11 @@ WANDB_ENVIRONMENT = {
     "wandb_group": "WANDB_RUN_GROUP",
     "wandb_tags": "WANDB_TAGS",
 }
-# Keys left out of the recipe hash of the default run name: the name itself, and where and to whom a run reports,
-# which do not change what is trained.
-NOT_HASHED = ("run_name", "output_dir", "report_to", *WANDB_ENVIRONMENT)
+# Keys left out of the recipe hash of the default run name: the name itself, where and to whom a run reports, and how
+# its data is loaded (`lengths.apply_data_loading_defaults` sets these from the machine's CPUs and CUDA), none of which
+# changes what is trained: the same recipe gets the same name on every machine.
+DATA_LOADING_KEYS = ("dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers")
+NOT_HASHED = ("run_name", "output_dir", "report_to", *WANDB_ENVIRONMENT, *DATA_LOADING_KEYS)
 PACKAGES = (
     "torch",
     "torchvision",
