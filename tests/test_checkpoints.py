@@ -266,6 +266,26 @@ class TestRepairCheckpoint:
         assert report.base.source.startswith(str(tmp_path / "run" / "run_info.json"))
         assert_same_processor(directory, AutoProcessor.from_pretrained(base_model))
 
+    def test_base_from_the_hf_cache(self, base_model, tmp_path, monkeypatch):
+        """An adapter of a hub model (`org/name`) is repaired from that model's snapshot in the HF cache, offline."""
+        from huggingface_hub import constants
+
+        revision = "0123456789abcdef0123456789abcdef01234567"
+        repo = tmp_path / "hub" / "models--someorg--tiny-qwen2-vl"
+        shutil.copytree(base_model, repo / "snapshots" / revision)
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(revision)
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+        directory = tmp_path / "adapter"
+        directory.mkdir()
+        (directory / "adapter_config.json").write_text(
+            json.dumps({"base_model_name_or_path": "someorg/tiny-qwen2-vl"})
+        )
+        report = repair_checkpoint(directory)
+        assert report.status == "fixed", report.after.describe()
+        assert report.base.path == repo / "snapshots" / revision
+        assert_same_processor(directory, AutoProcessor.from_pretrained(base_model))
+
     def test_reapplies_the_runs_max_pixels(self, base_model, tmp_path):
         directory = tmp_path / "run" / "checkpoint-2"
         shutil.copytree(base_model, directory)
