@@ -427,7 +427,8 @@ class VisionChatCollator:
             ", ".join(rows[i].name for i in too_long),
             self.num_dropped,
         )
-        kept = [row for i, row in enumerate(rows) if i not in set(too_long)]
+        dropped = set(too_long)
+        kept = [row for i, row in enumerate(rows) if i not in dropped]
         if not kept:
             raise ValueError(
                 f"Every sample of this batch is over max_length={self.max_length}; filter the dataset first "
