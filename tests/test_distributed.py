@@ -637,6 +637,22 @@ class TestMultiProcessRuns:
         assert report["tokens_seen"] == report["trainer"]["num_tokens"]  # SFTTrainer's count over both processes
         assert report["padded_tokens"] > report["tokens_seen"] and report["supervised_tokens"] > 0
 
+    def test_ddp_qlora(self, tiny_run_inputs, tmp_path):
+        """QLoRA under plain DDP: each process holds its own 4-bit copy; the saved adapter is complete."""
+        model_dir, data_dir = tiny_run_inputs
+        output_dir = tmp_path / "ddp-qlora"
+        qlora = ["--use_peft", "true", "--load_in_4bit", "true", "--lora_r", "4", "--verify_saved_model", "false"]
+        returncode, output = accelerate_launch(
+            "multi_gpu.yaml",
+            *tiny_recipe_args(model_dir, data_dir, output_dir),
+            "--ddp_find_unused_parameters",
+            "false",
+            *qlora,
+        )
+        assert_finished(returncode, output, "DDP (CPU, gloo)")
+        assert "Loaded Qwen2VLForConditionalGeneration quantised: 4-bit nf4" in output
+        assert_complete_adapter(output_dir, model_dir)
+
     def test_zero2_qlora(self, tiny_run_inputs, tmp_path):
         model_dir, data_dir = tiny_run_inputs
         output_dir = tmp_path / "zero2-qlora"
