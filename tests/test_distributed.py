@@ -33,6 +33,7 @@ SLURM_SCRIPT = REPO_ROOT / "scripts" / "slurm" / "train.slurm"
 DEMO_RECIPE = "recipes/demo/shapes_qwen2vl.yaml"
 RUN_TIMEOUT = 300  # seconds; a hang fails the test instead of blocking the suite
 DEEPSPEED_ON_CPU = ["--use_cpu", "false", "--ddp_backend", "gloo"]
+QLORA = ["--use_peft", "true", "--load_in_4bit", "true"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -641,7 +642,7 @@ class TestMultiProcessRuns:
         """QLoRA under plain DDP: each process holds its own 4-bit copy; the saved adapter is complete."""
         model_dir, data_dir = tiny_run_inputs
         output_dir = tmp_path / "ddp-qlora"
-        qlora = ["--use_peft", "true", "--load_in_4bit", "true", "--lora_r", "4", "--verify_saved_model", "false"]
+        qlora = [*QLORA, "--lora_r", "4", "--verify_saved_model", "false"]
         returncode, output = accelerate_launch(
             "multi_gpu.yaml",
             *tiny_recipe_args(model_dir, data_dir, output_dir),
@@ -656,7 +657,7 @@ class TestMultiProcessRuns:
     def test_zero2_qlora(self, tiny_run_inputs, tmp_path):
         model_dir, data_dir = tiny_run_inputs
         output_dir = tmp_path / "zero2-qlora"
-        qlora = ["--use_peft", "true", "--load_in_4bit", "true", "--lora_r", "4"]
+        qlora = [*QLORA, "--lora_r", "4"]
         returncode, output = accelerate_launch(
             "deepspeed_zero2.yaml", *tiny_recipe_args(model_dir, data_dir, output_dir), *DEEPSPEED_ON_CPU, *qlora
         )
@@ -679,7 +680,7 @@ class TestMultiProcessRuns:
         checkpointing; evaluation by generation after training reloads the saved adapter on rank 0, outside ZeRO-3."""
         model_dir, data_dir = tiny_run_inputs
         output_dir = tmp_path / "zero3-qlora"
-        qlora = ["--use_peft", "true", "--load_in_4bit", "true", "--lora_r", "4"]
+        qlora = [*QLORA, "--lora_r", "4"]
         evaluation = ["--eval_after_train", "true", "--max_new_tokens", "3", "--verify_saved_model", "false"]
         # As the real recipes train: gradient checkpointing on (reentrant under ZeRO-3 with a frozen base).
         checkpointing = ["--gradient_checkpointing", "true"]
@@ -703,7 +704,7 @@ class TestMultiProcessRuns:
     def test_zero3_qlora_with_wrong_quant_storage_stops_before_training(self, tiny_run_inputs, tmp_path):
         model_dir, data_dir = tiny_run_inputs
         output_dir = tmp_path / "zero3-qlora-bf16-storage"
-        qlora = ["--use_peft", "true", "--load_in_4bit", "true", "--bnb_4bit_quant_storage", "bfloat16"]
+        qlora = [*QLORA, "--bnb_4bit_quant_storage", "bfloat16"]
         returncode, output = accelerate_launch(
             "deepspeed_zero3.yaml", *tiny_recipe_args(model_dir, data_dir, output_dir), *DEEPSPEED_ON_CPU, *qlora
         )

@@ -216,14 +216,20 @@ def _make_qwen2_5_vl_config(base: dict[str, Any] | None, tokenizer):
     )
 
 
-def _make_qwen_image_processor():
+def _make_qwen_image_processor(patch_size: int = 14, video_processor_class=None):
+    """Qwen-family image and video processors for images of 2x2 to 8x8 image tokens.
+
+    One image token is (2 x patch_size) pixels square after the 2x2 merge: with Qwen2-VL's 14-pixel patches,
+    56x56..224x224 pixels give 4 to 64 image tokens; with Qwen3-VL's 16-pixel patches, 64x64..256x256 do.
+    """
     from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
-    # 28x28 pixels make one image token after the 2x2 merge; 56x56..224x224 gives 4 to 64 image tokens.
-    geometry = {"patch_size": 14, "merge_size": 2, "temporal_patch_size": 2}
+    video_processor_class = video_processor_class or Qwen2VLVideoProcessor
+    geometry = {"patch_size": patch_size, "merge_size": 2, "temporal_patch_size": 2}
+    pixels = {"min_pixels": (4 * patch_size) ** 2, "max_pixels": (16 * patch_size) ** 2}
     return {
-        "image_processor": Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=224 * 224, **geometry),
-        "video_processor": Qwen2VLVideoProcessor(min_pixels=56 * 56, max_pixels=224 * 224, **geometry),
+        "image_processor": Qwen2VLImageProcessor(**pixels, **geometry),
+        "video_processor": video_processor_class(**pixels, **geometry),
     }
 
 
@@ -333,15 +339,9 @@ def _make_qwen3_vl_config(base: dict[str, Any] | None, tokenizer):
 
 
 def _make_qwen3_image_processor():
-    from transformers import Qwen2VLImageProcessor
     from transformers.models.qwen3_vl import Qwen3VLVideoProcessor
 
-    # 64x64..256x256 pixels: 4 to 64 image tokens of 32x32 pixels each.
-    geometry = {"patch_size": 16, "merge_size": 2, "temporal_patch_size": 2}
-    return {
-        "image_processor": Qwen2VLImageProcessor(min_pixels=64 * 64, max_pixels=256 * 256, **geometry),
-        "video_processor": Qwen3VLVideoProcessor(min_pixels=64 * 64, max_pixels=256 * 256, **geometry),
-    }
+    return _make_qwen_image_processor(patch_size=16, video_processor_class=Qwen3VLVideoProcessor)
 
 
 # --------------------------------------------------------------------------------------------------------------------
