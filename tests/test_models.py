@@ -4,8 +4,10 @@ On tiny models of every family in `TINY_FAMILIES` that the family registry knows
 8-bit run on CPU).
 """
 
+import gc
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -230,6 +232,25 @@ class TestQuantisedLoading:
         assert state.quant_type == "nf4" and state.nested  # NF4 + double quantisation by default
         assert language_linear[0].compute_dtype == torch.float32  # dtype float32, no mixed precision
         assert language_linear[0].weight.dtype == torch.uint8
+
+    @pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads the process's memory maps (Linux)")
+    def test_4bit_model_does_not_keep_the_checkpoint_mapped(self, tiny_model_dirs, tmp_path):
+        checkpoint = str((tiny_model_dirs["qwen2_vl"] / "model.safetensors").resolve())
+
+        def mapped() -> bool:
+            gc.collect()
+            return checkpoint in Path("/proc/self/maps").read_text()
+
+        assert not mapped()
+        plain = load_model(model_config(tiny_model_dirs["qwen2_vl"]))
+        assert mapped()  # loading without a copy maps the checkpoint: what the 4-bit case must not keep
+        reference = {name: tensor.clone() for name, tensor in plain.state_dict().items()}
+        del plain
+        assert not mapped()
+        model = load_model(model_config(tiny_model_dirs["qwen2_vl"], use_peft=True, load_in_4bit=True))
+        assert not mapped()
+        embeddings = model.get_input_embeddings().weight
+        assert torch.equal(embeddings, reference[next(k for k in reference if k.endswith("embed_tokens.weight"))])
 
     def test_compute_dtype_follows_the_training_dtype(self, tmp_path):
         assert training_dtype(model_config("m"), training_config(tmp_path, bf16=True)) == torch.bfloat16

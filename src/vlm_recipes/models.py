@@ -297,8 +297,33 @@ def load_model(model_args: ModelConfig, training_args=None):
         # the single dtype ZeRO-3 needs; input gradients and checkpointing are set up by `VLMSFTTrainer`. Note that
         # TRL casts the trainable (LoRA) weights of a quantised model to bfloat16, as the QLoRA paper does.
         logger.info("Loaded %s quantised: %s.", type(model).__name__, _quantization_summary(quantization_config))
+        release_checkpoint_mapping(model)
     freeze_parts(model, model_args)
     return model
+
+
+def release_checkpoint_mapping(model) -> int:
+    """Copy a quantised model's unquantised CPU weights out of the checkpoint's memory map, so the map is closed.
+
+    Why: transformers loads a checkpoint whose dtype matches without copying; the tensors are views of one memory map
+    of the whole `.safetensors` file. Quantising reads every weight through that map, and the few weights left
+    unquantised (embeddings, norms, the vision tower) keep the whole map, and so every page read, in the process's
+    resident memory. On a CPU run of a random Qwen2-VL with a 6 x 1536 language model that was 284 MiB of file pages
+    held for 6 MiB of weights, more than the 4-bit weights themselves. On a GPU the weights are copied to the device
+    and nothing here applies. Returns the bytes copied.
+    """
+    import bitsandbytes as bnb
+
+    quantised = (bnb.nn.Params4bit, bnb.nn.Int8Params)
+    copied = 0
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            # ZeRO-3 partitions hold their own copies; meta and device tensors have no map behind them.
+            if isinstance(tensor, quantised) or hasattr(tensor, "ds_id") or tensor.device.type != "cpu":
+                continue
+            tensor.data = tensor.data.clone()
+            copied += tensor.numel() * tensor.element_size()
+    return copied
 
 
 def _quantization_summary(config) -> str:
