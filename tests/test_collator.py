@@ -138,6 +138,19 @@ def real_processor(name):
     return AutoProcessor.from_pretrained(directory, **REAL_PROCESSORS[name][1])
 
 
+def check_direct_rendering(processor, expect_direct: bool = True):
+    """The collator's own rendering (straight through transformers' `render_jinja_template`) is what the processor's
+    `apply_chat_template` renders, for whole conversations and for prompts with the generation cue."""
+    collator = VisionChatCollator(processor)
+    assert (collator._direct_template is not None) == expect_direct
+    for example in conversations():
+        messages, _ = collator._validate(example, "row")
+        for turn in range(1, len(messages) + 1):
+            for cue in (False, True):
+                expected = processor.apply_chat_template(messages[:turn], tokenize=False, add_generation_prompt=cue)
+                assert collator._render(messages[:turn], add_generation_prompt=cue) == expected
+
+
 class TestLabelsTinyFamilies:
     @pytest.mark.parametrize("family", sorted(TINY_KIND))
     def test_assistant_only_mixed_batch(self, family, tiny_model_dirs):
@@ -155,6 +168,12 @@ class TestLabelsTinyFamilies:
         assert "pixel_values" not in batch
         check_labels(processor, TINY_KIND[family], examples, batch)
 
+    @pytest.mark.parametrize("family", sorted(TINY_KIND))
+    def test_direct_rendering_is_the_processors(self, family, tiny_model_dirs):
+        processor = tiny_processor(tiny_model_dirs, family)
+        # SmolVLM's processor has its own `apply_chat_template`: the collator goes through it.
+        check_direct_rendering(processor, expect_direct=type(processor).__name__ != "SmolVLMProcessor")
+
 
 class TestLabelsRealProcessors:
     @pytest.mark.parametrize("name", sorted(REAL_PROCESSORS))
@@ -166,6 +185,12 @@ class TestLabelsRealProcessors:
         check_image_token_counts(processor, examples, batch)
         for key in ("input_ids", "attention_mask", "labels", "pixel_values"):
             assert key in batch
+
+    @pytest.mark.parametrize("name", sorted(REAL_PROCESSORS))
+    def test_direct_rendering_is_the_processors(self, name):
+        processor = real_processor(name)
+        # The real SmolVLM checkpoint loads as Idefics3Processor, which keeps the stock `apply_chat_template`.
+        check_direct_rendering(processor)
 
     @pytest.mark.parametrize("name", sorted(REAL_PROCESSORS))
     def test_each_row_alone_equals_its_row_in_the_batch(self, name):
