@@ -7,6 +7,7 @@ On tiny models of every family in `TINY_FAMILIES` that the family registry knows
 import gc
 import math
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -235,19 +236,20 @@ class TestQuantisedLoading:
 
     @pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads the process's memory maps (Linux)")
     def test_4bit_model_does_not_keep_the_checkpoint_mapped(self, tiny_model_dirs, tmp_path):
-        checkpoint = str((tiny_model_dirs["qwen2_vl"] / "model.safetensors").resolve())
+        model_dir = tmp_path / "qwen2_vl"  # a copy no other test's model can hold mapped
+        shutil.copytree(tiny_model_dirs["qwen2_vl"], model_dir)
+        checkpoint = str((model_dir / "model.safetensors").resolve())
 
         def mapped() -> bool:
             gc.collect()
             return checkpoint in Path("/proc/self/maps").read_text()
 
-        assert not mapped()
-        plain = load_model(model_config(tiny_model_dirs["qwen2_vl"]))
+        plain = load_model(model_config(model_dir))
         assert mapped()  # loading without a copy maps the checkpoint: what the 4-bit case must not keep
         reference = {name: tensor.clone() for name, tensor in plain.state_dict().items()}
         del plain
         assert not mapped()
-        model = load_model(model_config(tiny_model_dirs["qwen2_vl"], use_peft=True, load_in_4bit=True))
+        model = load_model(model_config(model_dir, use_peft=True, load_in_4bit=True))
         assert not mapped()
         embeddings = model.get_input_embeddings().weight
         assert torch.equal(embeddings, reference[next(k for k in reference if k.endswith("embed_tokens.weight"))])
