@@ -527,12 +527,12 @@ def _loading(args) -> dict[str, Any]:
 
 
 def benchmark_training(workspace: Workspace, settings: Settings) -> dict[str, Any]:
-    runs: dict[str, list[dict[str, float]]] = {"ours": [], "trl": [], "ours_random_sampler": []}
     paths = {
         "ours": lambda: _train_ours(workspace, settings, "default"),
         "trl": lambda: _train_stock_trl(workspace, settings),
         "ours_random_sampler": lambda: _train_ours(workspace, settings, "random"),
     }
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in paths}
     names = list(paths)
     for repeat in range(settings.repeats):
         # A rotating order, so that whatever running first or last does (warm caches, the previous run's garbage)

@@ -302,7 +302,7 @@ def load_model(model_args: ModelConfig, training_args=None):
     return model
 
 
-def release_checkpoint_mapping(model) -> int:
+def release_checkpoint_mapping(model) -> None:
     """Copy a quantised model's unquantised CPU weights out of the checkpoint's memory map, so the map is closed.
 
     Why: transformers loads a checkpoint whose dtype matches without copying; the tensors are views of one memory map
@@ -310,20 +310,16 @@ def release_checkpoint_mapping(model) -> int:
     unquantised (embeddings, norms, the vision tower) keep the whole map, and so every page read, in the process's
     resident memory. On a CPU run of a random Qwen2-VL with a 6 x 1536 language model that was 284 MiB of file pages
     held for 6 MiB of weights, more than the 4-bit weights themselves. On a GPU the weights are copied to the device
-    and nothing here applies. Returns the bytes copied.
+    and nothing here applies.
     """
     import bitsandbytes as bnb
 
     quantised = (bnb.nn.Params4bit, bnb.nn.Int8Params)
-    copied = 0
     with torch.no_grad():
         for tensor in [*model.parameters(), *model.buffers()]:
-            # ZeRO-3 partitions hold their own copies; meta and device tensors have no map behind them.
-            if isinstance(tensor, quantised) or hasattr(tensor, "ds_id") or tensor.device.type != "cpu":
-                continue
-            tensor.data = tensor.data.clone()
-            copied += tensor.numel() * tensor.element_size()
-    return copied
+            # Meta and device tensors have no map behind them.
+            if not isinstance(tensor, quantised) and tensor.device.type == "cpu":
+                tensor.data = tensor.data.clone()
 
 
 def _quantization_summary(config) -> str:
