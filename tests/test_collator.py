@@ -7,7 +7,9 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor
 
-from vlm_recipes.collator import IGNORE_INDEX, LabelReason, VisionChatCollator
+import numpy
+
+from vlm_recipes.collator import IGNORE_INDEX, LabelReason, VisionChatCollator, _offsets_array
 from vlm_recipes.tiny import trl_chat_template
 
 from conftest import real_processor_dir, requires_real_processor
@@ -139,7 +141,7 @@ def real_processor(name):
 
 
 def check_direct_rendering(processor, expect_direct: bool = True):
-    """The collator's own rendering (straight through transformers' `render_jinja_template`) is what the processor's
+    """The collator's own rendering (transformers' compiled template, called directly) is what the processor's
     `apply_chat_template` renders, for whole conversations and for prompts with the generation cue."""
     collator = VisionChatCollator(processor)
     assert (collator._direct_template is not None) == expect_direct
@@ -363,6 +365,44 @@ class TestBadRows:
         good = conversations()[0]
         with pytest.raises(ValueError, match=message):
             collator([good, example])
+
+
+class _Text(str):
+    """A str subclass, as some data sources give (numpy.str_, enums): carries methods a template must not see."""
+
+
+class TestValidatedMessagesArePlain:
+    def test_roles_and_texts_become_exact_str(self, tiny_model_dirs):
+        # The collator renders validated messages without transformers' conversion to plain types (see `_render`).
+        collator = VisionChatCollator(tiny_processor(tiny_model_dirs, "qwen2_vl"))
+        example = {
+            "images": [],
+            "messages": [
+                {"role": _Text("user"), "content": _Text("hi")},
+                {"role": "assistant", "content": [{"type": "text", "text": _Text("yes")}]},
+            ],
+        }
+        messages, _ = collator._validate(example, "row")
+        values = [m["role"] for m in messages] + [item["text"] for m in messages for item in m["content"]]
+        assert values == ["user", "assistant", "hi", "yes"]
+        assert all(type(value) is str for value in values)
+        plain = {"images": [], "messages": [user("hi"), assistant("yes")]}
+        assert collator.rendered_text(example) == collator.rendered_text(plain)
+
+
+class TestOffsetsArray:
+    def test_equals_numpy_on_a_padded_batch(self):
+        offsets = [[(0, 3), (3, 7), (0, 0)], [(0, 2), (2, 9), (9, 12)]]
+        array = _offsets_array(offsets)
+        assert array.dtype == numpy.int64 and array.shape == (2, 3, 2)
+        assert (array == numpy.asarray(offsets)).all()
+        assert _offsets_array([]).shape == (0, 0, 2)
+
+    def test_ragged_rows_are_an_error_not_a_silent_cut(self):
+        with pytest.raises(ValueError, match="expected a padded batch"):
+            _offsets_array([[(0, 3), (3, 7)], [(0, 2)]])
+        with pytest.raises(ValueError, match=r"not \(start, end\) pairs"):
+            _offsets_array([[(0, 3, 5), (3, 7)]])
 
 
 class TestExplain:
