@@ -388,17 +388,20 @@ def benchmark_collators(workspace: Workspace, settings: Settings) -> dict[str, A
         examples += [dataset[index] for index in range(len(dataset))]  # images decoded here, outside the timing
     size = settings.collator_batch_size
     batches = [examples[start : start + size] for start in range(0, len(examples), size)]
-    collators = {
-        "ours": VisionChatCollator(processor),
-        "trl": DataCollatorForVisionLanguageModeling(processor=processor, max_length=None),
-        # TRL doing the same work as ours (loss on assistant turns only) needs a template with generation markers.
-        "trl_assistant_only": DataCollatorForVisionLanguageModeling(
-            processor=processor,
-            max_length=None,
-            assistant_only_loss=True,
-            chat_template=trl_chat_template("qwen2_5_vl_training"),  # Qwen2-VL's format, with the markers
-        ),
-    }
+    def new_collators() -> dict[str, Any]:
+        return {
+            "ours": VisionChatCollator(processor),
+            "trl": DataCollatorForVisionLanguageModeling(processor=processor, max_length=None),
+            # TRL doing the same work as ours (loss on assistant turns only) needs a template with generation markers.
+            "trl_assistant_only": DataCollatorForVisionLanguageModeling(
+                processor=processor,
+                max_length=None,
+                assistant_only_loss=True,
+                chat_template=trl_chat_template("qwen2_5_vl_training"),  # Qwen2-VL's format, with the markers
+            ),
+        }
+
+    collators = new_collators()
 
     def fresh(batch):  # TRL fills the image placeholders of the messages it is given; each call gets its own copy
         return [{"images": example["images"], "messages": copy.deepcopy(example["messages"])} for example in batch]
@@ -409,6 +412,9 @@ def benchmark_collators(workspace: Workspace, settings: Settings) -> dict[str, A
         for collator in collators.values():  # warm-up: template compilation, first-call caches
             collator(fresh(batches[0]))
         for repeat in range(settings.collator_repeats):
+            # New collators for each pass over the data, as in a first epoch: ours keeps the prompts it has rendered
+            # (`VisionChatCollator._cached_prompt`), and a second pass would find all of them there.
+            collators = new_collators()
             seconds = dict.fromkeys(names, 0.0)
             # Batch by batch, in rotating order, so that a change in the machine's load hits every collator alike.
             for index, batch in enumerate(batches):

@@ -9,6 +9,7 @@ from transformers import AutoProcessor
 
 import numpy
 
+from vlm_recipes import collator as collator_module
 from vlm_recipes.collator import IGNORE_INDEX, LabelReason, VisionChatCollator, _offsets_array
 from vlm_recipes.tiny import trl_chat_template
 
@@ -388,6 +389,61 @@ class TestValidatedMessagesArePlain:
         assert all(type(value) is str for value in values)
         plain = {"images": [], "messages": [user("hi"), assistant("yes")]}
         assert collator.rendered_text(example) == collator.rendered_text(plain)
+
+
+class TestPromptCache:
+    def test_one_render_per_distinct_prompt(self, tiny_model_dirs, monkeypatch):
+        collator = VisionChatCollator(tiny_processor(tiny_model_dirs, "qwen2_vl"))
+        calls = []
+        render = collator._render_uncached
+
+        def counted(template, messages, add_generation_prompt):
+            calls.append(add_generation_prompt)
+            return render(template, messages, add_generation_prompt)
+
+        monkeypatch.setattr(collator, "_render_uncached", counted)
+        same_prompt = [
+            {"images": [image(32, 32)], "messages": [user("What colour?", 1), assistant(colour)]}
+            for colour in ("red", "blue", "green")
+        ]
+        examples = [*same_prompt, {"images": [], "messages": [user("Another question"), assistant("yes")]}]
+        batch = collator(examples)
+        assert calls.count(True) == 2  # one prompt render for the three rows that share it, one for the other
+        assert calls.count(False) == 4  # every whole conversation is rendered
+        uncached = VisionChatCollator(collator.processor)
+        monkeypatch.setattr(uncached, "_cached_prompt", lambda template, messages: render(template, messages, True))
+        assert torch.equal(uncached(examples)["labels"], batch["labels"])
+
+    def test_new_template_or_special_tokens_start_a_new_cache(self, tiny_model_dirs):
+        processor = tiny_processor(tiny_model_dirs, "qwen2_vl")
+        collator = VisionChatCollator(processor)
+        messages, _ = collator._validate({"images": [], "messages": [user("hi"), assistant("yes")]}, "row")
+        before = collator._render(messages[:1], add_generation_prompt=True)
+        processor.chat_template = "PREFIX " + processor.chat_template
+        assert collator._render(messages[:1], add_generation_prompt=True) == "PREFIX " + before
+        processor.chat_template = processor.chat_template + "{{ eos_token }}"
+        with_old_eos = collator._render(messages[:1], add_generation_prompt=True)
+        processor.tokenizer.eos_token = processor.tokenizer.pad_token  # the same template, another special token
+        expected = processor.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
+        assert expected.endswith(processor.tokenizer.pad_token) and expected != with_old_eos
+        assert collator._render(messages[:1], add_generation_prompt=True) == expected
+
+    def test_templates_that_vary_between_calls_are_not_cached(self, tiny_model_dirs):
+        processor = tiny_processor(tiny_model_dirs, "qwen2_vl")
+        processor.chat_template = "{{ strftime_now('%H:%M:%S.%f') }}" + processor.chat_template
+        collator = VisionChatCollator(processor)
+        messages, _ = collator._validate({"images": [], "messages": [user("hi"), assistant("yes")]}, "row")
+        collator._render(messages[:1], add_generation_prompt=True)
+        assert collator._prompts == {}
+
+    def test_size_is_bounded(self, tiny_model_dirs, monkeypatch):
+        monkeypatch.setattr(collator_module, "_PROMPT_CACHE_SIZE", 3)
+        collator = VisionChatCollator(tiny_processor(tiny_model_dirs, "qwen2_vl"))
+        for question in range(7):
+            messages, _ = collator._validate({"messages": [user(f"q{question}"), assistant("a")]}, "row")
+            collator._render(messages[:1], add_generation_prompt=True)
+            assert len(collator._prompts) <= 3
+        assert len(collator._prompts) == 1  # started again at the seventh
 
 
 class TestOffsetsArray:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +45,11 @@ logger = logging.getLogger(__name__)
 __all__ = ["IGNORE_INDEX", "LabelReason", "VisionChatCollator", "normalize_messages", "special_tokens_kwargs"]
 
 IGNORE_INDEX = -100
+# Rendered prompts a collator keeps (`VisionChatCollator._cached_prompt`), with their keys: a few MB at most.
+_PROMPT_CACHE_SIZE = 1024
+# What lets a chat template render differently from one call to the next: the date (Llama 3.2 Vision), jinja's
+# `random` filter and `lipsum` global.
+_NONDETERMINISTIC_TEMPLATE = re.compile(r"strftime|random|lipsum")
 TOO_LONG_POLICIES = ("error", "drop")
 ROLES = ("system", "user", "assistant")
 
@@ -217,6 +223,10 @@ class VisionChatCollator:
         self._end_of_turn_tokens = tuple(
             token for token in tokenizer.all_special_tokens if token and token not in image_tokens
         )
+        # Rendered prompts (the messages before an assistant turn, with the generation cue), by what they render from.
+        self._prompts: dict[tuple, str] = {}
+        self._prompts_rendered_with: tuple | None = None
+        self._prompts_cacheable = False
 
     # ---------------------------------------------------------------------------------------------------------------
     # Rendering: messages -> text and assistant character spans
@@ -229,6 +239,39 @@ class VisionChatCollator:
 
     def _render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
         template = self._direct_template
+        if template is None or not add_generation_prompt:
+            return self._render_uncached(template, messages, add_generation_prompt)
+        return self._cached_prompt(template, messages)
+
+    def _cached_prompt(self, template: str, messages: list[dict[str, Any]]) -> str:
+        """A prompt rendered once per distinct `messages`: task datasets repeat one instruction over many images.
+
+        The prompt is the second rendering each row needs (to find where its answer starts) and TRL's collator does
+        not make it. A render is a pure function of the template, the special tokens and the messages, which
+        `_validate` builds from roles, image placeholders and texts only (the images are not in them), so those are
+        the key. Templates that can render differently from one call to the next (the date, `random`, `lipsum`) are
+        never cached. At most `_PROMPT_CACHE_SIZE` prompts are kept: beyond that the cache starts again.
+        """
+        rendered_with = (template, tuple(self.tokenizer.special_tokens_map.items()))
+        if rendered_with != self._prompts_rendered_with:
+            self._prompts, self._prompts_rendered_with = {}, rendered_with
+            self._prompts_cacheable = not _NONDETERMINISTIC_TEMPLATE.search(template)
+        if not self._prompts_cacheable:
+            return self._render_uncached(template, messages, add_generation_prompt=True)
+        if len(self._prompts) >= _PROMPT_CACHE_SIZE:
+            self._prompts.clear()
+        key = tuple(
+            (message["role"], tuple((item["type"], item.get("text")) for item in message["content"]))
+            for message in messages
+        )
+        prompt = self._prompts.get(key)
+        if prompt is None:
+            prompt = self._prompts[key] = self._render_uncached(template, messages, add_generation_prompt=True)
+        return prompt
+
+    def _render_uncached(
+        self, template: str | None, messages: list[dict[str, Any]], add_generation_prompt: bool
+    ) -> str:
         if template is None:
             return self.processor.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=add_generation_prompt
