@@ -70,6 +70,8 @@ def test_quick_run_writes_every_figure(tmp_path):
         "qlora_peak_memory_well_under_lora",
     }
     assert all(isinstance(check["passed"], bool) for check in report["targets"].values())
+    for name in ("collator_at_least_as_fast_as_trl", "training_throughput_at_least_trl"):
+        assert report["targets"][name]["verdict"] in ("met", "not met", "within noise")
     assert report["machine"]["versions"]["trl"] and report["machine"]["usable_cpus"] >= 1
     assert report["settings"]["quick"] is True
     assert "Targets" in result.stdout and "ratio ours / TRL" in result.stdout
@@ -129,6 +131,25 @@ class TestFigures:
         assert benchmark.peak_bf16_flops("Some New GPU", None)[0] is None
         assert benchmark.peak_bf16_flops("Some New GPU", 500.0)[0] == 500e12
 
+    def test_median_interval_is_the_order_statistics_of_its_level(self):
+        benchmark = load_benchmark()
+        # n = 9: P(Binomial(9, 1/2) <= 1) = 10/512, so the 2nd and 8th values cover the median with 1 - 20/512 = 96%;
+        # the 3rd and 7th only with 1 - 92/512 = 82%.
+        assert benchmark.median_interval([9, 1, 8, 2, 7, 3, 6, 4, 5]) == [2, 8]
+        # n = 11: the 3rd and 9th (1 - 134/2048 = 93%).
+        assert benchmark.median_interval(list(range(11))) == [2, 8]
+        assert benchmark.median_interval([3, 1, 2, 5, 4]) == [1, 5]  # n = 5: only min and max reach 90% (94%)
+        assert benchmark.median_interval([1, 2, 3, 4]) is None  # n = 4: even min-max is 88%
+
+    def test_ratio_verdict_weighs_the_spread(self):
+        benchmark = load_benchmark()
+        verdict = benchmark.ratio_verdict
+        assert verdict(benchmark.paired_ratios([1.05, 1.2, 1.1, 1.3, 1.02], [1.0] * 5)) == "met"
+        assert verdict(benchmark.paired_ratios([0.8, 0.9, 0.95, 0.85, 0.7], [1.0] * 5)) == "not met"
+        noisy = benchmark.paired_ratios([0.83, 0.95, 1.28, 0.91, 0.89, 1.2, 0.93, 1.04, 1.14], [1.0] * 9)
+        assert noisy["median"] < 1.0 and noisy["median_interval_90"] == [0.89, 1.2]
+        assert verdict(noisy) == "within noise"
+
     def test_target_checks(self):
         benchmark = load_benchmark()
         results = {
@@ -146,6 +167,10 @@ class TestFigures:
             "padding_under_10_percent_with_grouping": True,
             "qlora_peak_memory_well_under_lora": True,
         }
+        # Too few repeats for an interval: the median decides the verdict.
+        assert checks["collator_at_least_as_fast_as_trl"]["interval_90"] is None
+        assert checks["collator_at_least_as_fast_as_trl"]["verdict"] == "met"
+        assert checks["training_throughput_at_least_trl"]["verdict"] == "not met"
         # With the GPU part, its memory figure decides (largest batch size both modes ran).
         results["full_size"] = {
             "lora": {"1": {"peak_memory_gib": 10.0}, "2": {"peak_memory_gib": 12.0}, "4": {"out_of_memory": True}},
