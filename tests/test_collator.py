@@ -2,12 +2,11 @@
 
 import re
 
+import numpy
 import pytest
 import torch
 from PIL import Image
 from transformers import AutoProcessor
-
-import numpy
 
 from vlm_recipes import collator as collator_module
 from vlm_recipes.collator import IGNORE_INDEX, LabelReason, VisionChatCollator, _offsets_array
