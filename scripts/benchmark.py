@@ -1095,6 +1095,12 @@ def benchmark_full_size(workspace: Workspace, settings: Settings, device: str = 
                     "model_flops_per_second": flops,
                     "mfu": flops / peak_flops if peak_flops else None,
                 }
+            # One line per run as it ends: a run cut short by a time limit still shows what it measured.
+            print(
+                f"[benchmark] part 5: {mode} batch {batch_size}: {json.dumps(results[mode][str(batch_size)])}",
+                file=sys.stderr,
+                flush=True,
+            )
             recorders.clear()  # the trainer (and its model) go with it
             del main
             gc.collect()
