@@ -1148,6 +1148,19 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def _ratio_check(paired: dict[str, Any], measured: str) -> dict[str, Any]:
+    """A timing target "ours / TRL >= 1.0" from `paired_ratios`: passed only on a `met` verdict."""
+    verdict = ratio_verdict(paired)
+    return {
+        "value": paired["median"],
+        "threshold": ">= 1.0",
+        "passed": verdict == "met",
+        "interval_90": paired.get("median_interval_90"),
+        "verdict": verdict,
+        "measured": measured,
+    }
+
+
 def target_checks(results: dict[str, Any]) -> dict[str, Any]:
     """The issue's targets, each with its figure, threshold and pass/fail (absent where its part did not run).
 
@@ -1155,25 +1168,15 @@ def target_checks(results: dict[str, Any]) -> dict[str, Any]:
     the verdict is `met`, not when the median alone clears the threshold."""
     checks: dict[str, Any] = {}
     if "collator" in results:
-        paired = results["collator"]["paired_ratio_ours_to_trl"]
-        checks["collator_at_least_as_fast_as_trl"] = {
-            "value": paired["median"],
-            "threshold": ">= 1.0",
-            "passed": ratio_verdict(paired) == "met",
-            "interval_90": paired.get("median_interval_90"),
-            "verdict": ratio_verdict(paired),
-            "measured": "median over repeats of ours / TRL examples/s, timed side by side in each repeat",
-        }
+        checks["collator_at_least_as_fast_as_trl"] = _ratio_check(
+            results["collator"]["paired_ratio_ours_to_trl"],
+            "median over repeats of ours / TRL examples/s, timed side by side in each repeat",
+        )
     if "training" in results:
-        paired = results["training"]["paired_ratio_samples_per_second"]
-        checks["training_throughput_at_least_trl"] = {
-            "value": paired["median"],
-            "threshold": ">= 1.0",
-            "passed": ratio_verdict(paired) == "met",
-            "interval_90": paired.get("median_interval_90"),
-            "verdict": ratio_verdict(paired),
-            "measured": "median over repeats of ours / TRL samples/s, run back to back in each repeat",
-        }
+        checks["training_throughput_at_least_trl"] = _ratio_check(
+            results["training"]["paired_ratio_samples_per_second"],
+            "median over repeats of ours / TRL samples/s, run back to back in each repeat",
+        )
     if "padding" in results:
         value = results["padding"]["max_padding_fraction_grouped"]
         checks["padding_under_10_percent_with_grouping"] = {

@@ -465,22 +465,22 @@ class VisionChatCollator:
         return position + shift
 
     @staticmethod
-    def _tokens_in(offsets: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    def _tokens_in(offsets: torch.Tensor, start, end) -> torch.Tensor:
         """Boolean mask of the tokens that overlap characters [start, end); zero-width tokens never do.
 
-        `offsets` may be a torch tensor or a numpy array; the mask is of the same kind."""
-        token_starts, token_ends = offsets[:, 0], offsets[:, 1]
+        `offsets` may be a torch tensor or a numpy array, of one row `(tokens, 2)` or several `(spans, tokens, 2)`
+        with `start`/`end` as columns `(spans, 1)`; the mask is of the same kind."""
+        token_starts, token_ends = offsets[..., 0], offsets[..., 1]
         return (token_starts < end) & (token_ends > start) & (token_ends > token_starts)
 
-    @staticmethod
-    def _batch_tokens_in(offsets: numpy.ndarray, spans: list[tuple[int, int, int]]) -> numpy.ndarray:
+    @classmethod
+    def _batch_tokens_in(cls, offsets: numpy.ndarray, spans: list[tuple[int, int, int]]) -> numpy.ndarray:
         """`(rows, tokens)` mask of the tokens that overlap any span `(row, start, end)`: `_tokens_in`, for a batch."""
         mask = numpy.zeros(offsets.shape[:2], dtype=bool)
         if not spans:
             return mask
         rows, starts, ends = numpy.asarray(spans, dtype=numpy.int64).T
-        token_starts, token_ends = offsets[rows, :, 0], offsets[rows, :, 1]
-        hits = (token_starts < ends[:, None]) & (token_ends > starts[:, None]) & (token_ends > token_starts)
+        hits = cls._tokens_in(offsets[rows], starts[:, None], ends[:, None])
         numpy.logical_or.at(mask, rows, hits)
         return mask
 
