@@ -26,6 +26,7 @@ from vlm_recipes.models import (
     check_quantization_for_zero3,
     check_training_setup,
     deepspeed_zero_stage,
+    detach_frozen_vision_inputs,
     load_model,
     load_processor,
     lora_target_modules_for,
@@ -369,6 +370,78 @@ class TestFreezingAndParameterGroups:
 
 # --------------------------------------------------------------------------------------------------------------------
 @pytest.mark.slow
+def vision_block_inputs(model) -> list[bool]:
+    """Whether the input of each checkpointed vision block requires grad, appended on every forward."""
+    family = family_of_model(model)
+    seen: list[bool] = []
+
+    def record(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        seen.append(bool(hidden.requires_grad))
+
+    for name, module in model.named_modules():
+        if isinstance(module, GradientCheckpointingLayer) and family.part_of(name) == "vision":
+            module.register_forward_pre_hook(record, with_kwargs=True)
+    return seen
+
+
+class TestFrozenVisionTower:
+    """A frozen vision tower runs without autograd: no activations kept for it, no backward through it, and the same
+    gradients for everything that trains."""
+
+    @pytest.mark.parametrize("family_name", ["qwen2_vl", "llava"])
+    def test_same_lora_gradients_without_autograd_in_the_tower(self, family_name, tiny_model_dirs, train_dataset):
+        from peft import get_peft_model
+
+        model_args = model_config(tiny_model_dirs[family_name], use_peft=True, lora_r=4, lora_dropout=0.0)
+        processor = load_processor(model_args)
+        model = load_model(model_args)
+        model = get_peft_model(model, peft_config_for(model, model_args))
+        model.enable_input_require_grads()  # what TRL and the Trainer do
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        batch = VisionChatCollator(processor, max_length=512)([train_dataset[i] for i in range(2)])
+        seen = vision_block_inputs(model)
+
+        def gradients():
+            model.zero_grad(set_to_none=True)
+            model(**batch).loss.backward()
+            return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+        reference = gradients()
+        assert seen and all(seen)  # transformers' hook has autograd record the frozen tower
+        seen.clear()
+        assert detach_frozen_vision_inputs(model)
+        detached = gradients()
+        assert seen and not any(seen)
+        assert reference.keys() == detached.keys() and any(g.abs().sum() > 0 for g in detached.values())
+        for name, gradient in reference.items():
+            torch.testing.assert_close(detached[name], gradient, msg=name)
+
+    @pytest.mark.parametrize("lora_vision", [False, True])
+    def test_trainer_detaches_only_a_frozen_tower(self, lora_vision, tiny_model_dirs, train_dataset, tmp_path):
+        model_args = model_config(tiny_model_dirs["qwen2_vl"], use_peft=True, lora_r=4, lora_vision=lora_vision)
+        args = training_config(tmp_path, gradient_checkpointing=True, max_steps=1)
+        trainer = make_trainer(tiny_model_dirs["qwen2_vl"], train_dataset, model_args, args)
+        seen = vision_block_inputs(trainer.model)
+        changed = train(trainer)
+        assert seen and all(flag == lora_vision for flag in seen)
+        family = family_of_model(trainer.model)
+        assert {family.part_of(name) for name in changed if ".lora_B." in name} == (
+            {"vision", "projector", "language"} if lora_vision else {"language"}
+        )
+
+    def test_trainable_projector_still_trains_behind_a_frozen_tower(self, tiny_model_dirs, train_dataset, tmp_path):
+        model_args = model_config(tiny_model_dirs["qwen2_vl"], freeze_vision_tower=True)
+        args = training_config(tmp_path, gradient_checkpointing=True, max_steps=1)
+        trainer = make_trainer(tiny_model_dirs["qwen2_vl"], train_dataset, model_args, args)
+        seen = vision_block_inputs(trainer.model)
+        changed = train(trainer)
+        assert seen and not any(seen)
+        family = family_of_model(trainer.model)
+        assert {family.part_of(name) for name in changed} == {"projector", "language"}
+
+
 class TestTraining:
     @pytest.mark.parametrize("family_name", FAMILY_PARAMS)
     def test_qlora_changes_only_lora_and_stays_4bit(self, family_name, tiny_model_dirs, train_dataset, tmp_path):

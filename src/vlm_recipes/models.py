@@ -7,7 +7,8 @@
   (`vlm_recipes.families`), never from bare layer names, which also match vision blocks (Qwen2.5-VL's `gate_proj`).
 - Freezing (`freeze_vision_tower`, `freeze_projector`) and per-part learning rates (optimizer parameter groups,
   `VLMSFTTrainer`).
-- Gradient checkpointing that trains frozen-input parts and LoRA under DeepSpeed ZeRO-3 too.
+- Gradient checkpointing that trains frozen-input parts and LoRA under DeepSpeed ZeRO-3 too; a frozen vision tower
+  runs without autograd (`detach_frozen_vision_inputs`).
 - Early checks with the fix in the message (`check_model_args`, `check_training_setup`,
   `check_quantization_for_zero3`).
 """
@@ -20,6 +21,7 @@ import re
 from collections.abc import Iterable
 
 import torch
+from transformers import TrainerCallback
 from trl import ModelConfig, SFTTrainer, get_peft_config
 
 from .chat_templates import fill_missing_chat_template
@@ -33,6 +35,7 @@ __all__ = [
     "check_quantization_for_zero3",
     "check_training_setup",
     "deepspeed_zero_stage",
+    "detach_frozen_vision_inputs",
     "freeze_parts",
     "load_model",
     "load_processor",
@@ -660,6 +663,53 @@ def _make_checkpointed_inputs_require_grad(model) -> int:
     return hooked
 
 
+def _frozen_vision_embeddings(model) -> list[torch.nn.Module]:
+    """The input-embedding modules of `model`'s vision sub-models when no vision-tower parameter trains; else [].
+
+    Why: transformers' `enable_input_require_grads`, which TRL calls for PEFT and the Trainer calls again when it turns
+    on checkpointing, hooks the input embeddings of every sub-model, the vision tower's patch embedding included. The
+    patch embeddings then require grad, so autograd records the whole frozen vision tower: its checkpointed blocks
+    keep their inputs (per image patch, per layer) and are recomputed and back-propagated through on every step, for
+    gradients that reach no trainable parameter. A trainable projector still gets its gradients without them.
+    """
+    from transformers import PreTrainedModel
+
+    try:
+        family = family_of_model(model)
+    except UnknownFamilyError:
+        return []
+    if any(p.requires_grad and family.part_of(name) == "vision" for name, p in model.named_parameters()):
+        return []
+    language_embeddings = model.get_input_embeddings()
+    found: dict[int, torch.nn.Module] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, PreTrainedModel) or family.part_of(name) != "vision":
+            continue
+        try:
+            embeddings = module.get_input_embeddings()
+        except (NotImplementedError, AttributeError):
+            continue
+        if isinstance(embeddings, torch.nn.Module) and embeddings is not language_embeddings:
+            found[id(embeddings)] = embeddings
+    return list(found.values())
+
+
+def _detach_output(module, args, output):
+    return output.detach() if torch.is_tensor(output) else output
+
+
+def detach_frozen_vision_inputs(model, handles: list | None = None) -> list:
+    """Detach the output of a frozen vision tower's input embeddings (see `_frozen_vision_embeddings`), so that the
+    tower runs without autograd. Returns the hook handles; pass the previous ones to replace them.
+
+    Forward hooks run in registration order, so this must come after the last `enable_input_require_grads` (which
+    the Trainer calls in `train`): `VLMSFTTrainer` registers it at the start of training.
+    """
+    for handle in handles or []:
+        handle.remove()
+    return [module.register_forward_hook(_detach_output) for module in _frozen_vision_embeddings(model)]
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Trainer
 # --------------------------------------------------------------------------------------------------------------------
@@ -681,6 +731,7 @@ class VLMSFTTrainer(SFTTrainer):
         if training_args is not None:
             _configure_gradient_checkpointing(model_args, training_args)
         super().__init__(*args, **kwargs)
+        self.add_callback(_FrozenVisionWithoutGrad(self))
         checkpointing_kwargs = self.args.activation_checkpointing_kwargs or {}
         if self.args.gradient_checkpointing and checkpointing_kwargs.get("use_reentrant"):
             hooked = _make_checkpointed_inputs_require_grad(self.model)
@@ -722,6 +773,19 @@ class VLMSFTTrainer(SFTTrainer):
             )
         self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
+
+
+class _FrozenVisionWithoutGrad(TrainerCallback):
+    """At the start of training, after the Trainer's own `enable_input_require_grads`: `detach_frozen_vision_inputs`."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.handles: list = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.handles = detach_frozen_vision_inputs(self.trainer.model, self.handles)
+        if self.handles:
+            logger.info("Frozen vision tower: it runs without autograd (no activations kept, no backward through it).")
 
 
 def _part_has_trainable(model, part: str) -> bool:
