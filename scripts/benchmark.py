@@ -31,6 +31,13 @@ of the two sides is taken per repeat; the targets use the median of those paired
    sequence-length term (~4% here), the recomputation of gradient checkpointing, and counts LoRA's frozen weights as
    if they had weight gradients, as MFU does.
 
+6. `--parts 6` (not in the default set: about 7 minutes on 2 cores): what a frozen vision tower costs when autograd
+   records it, as transformers' `enable_input_require_grads` has it do, against `VLMSFTTrainer`'s detached tower
+   (`detach_frozen_vision_inputs`). One LoRA step (forward + backward, non-reentrant gradient checkpointing, fp32) of
+   Qwen2-VL-2B's full vision tower and a one-layer language model on one 1280x720 screenshot at the recipe's pixel
+   budget, each mode in a fresh process: seconds per step and resident memory above the start (CPU), or
+   `max_memory_allocated` (CUDA).
+
 Parts 1-4 run on CPU with one torch thread (`--threads`): on a small shared machine two threads contending with other
 processes make step times swing by up to 10x. On a CPU the figures are for tiny models: they compare the two paths' overheads (collation, sampling, padding), not
 what a GPU run of a real model does, where the model's step dominates.
@@ -65,6 +72,7 @@ REAL_PROCESSORS = Path(os.environ.get("VLM_REAL_PROCESSORS", REPO_ROOT.parent / 
 QWEN_RECIPE = REPO_ROOT / "recipes" / "ui_actions_qwen2vl.yaml"
 DEMO_RECIPES = ("shapes_qwen2vl", "element", "chess", "ui_actions", "medical_steps")
 MEMORY_MARKER = "BENCHMARK_MEMORY "
+VISION_MARKER = "BENCHMARK_VISION "
 # Peak dense (no sparsity) bf16 tensor-core FLOP/s of one GPU, from the vendors' data sheets. Keys are matched, in
 # order, as substrings of `torch.cuda.get_device_name()`.
 PEAK_BF16_TFLOPS = (
@@ -152,6 +160,10 @@ class Settings:
     gpu_samples: int = 64
     gpu_image_size: list[int] = field(default_factory=lambda: [720, 1280])  # height, width of a screenshot
     peak_tflops: float | None = None
+    # Part 6
+    vision_language_layers: int = 1
+    vision_steps: int = 2
+    vision_image_size: list[int] = field(default_factory=lambda: [720, 1280])  # height, width
 
     def shrink(self) -> None:
         self.quick = True
@@ -170,6 +182,8 @@ class Settings:
         self.gpu_batch_sizes = [1, 2]
         self.gpu_steps = 2
         self.gpu_samples = 8
+        self.vision_steps = 1
+        self.vision_image_size = [56, 56]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -883,6 +897,15 @@ def _current_rss() -> int:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _status_bytes(key: str) -> int:
+    """One size field of /proc/self/status (`VmRSS`, `VmHWM`), in bytes."""
+    with open("/proc/self/status", encoding="ascii") as handle:
+        for line in handle:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {key}")
+
+
 def _rss_parts() -> dict[str, int]:
     """Anonymous and file-backed resident bytes (`RssAnon`, `RssFile` of /proc/self/status)."""
     parts = {}
@@ -1124,6 +1147,154 @@ def benchmark_full_size(workspace: Workspace, settings: Settings, device: str = 
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Part 6: a frozen vision tower, recorded by autograd or detached
+# --------------------------------------------------------------------------------------------------------------------
+VISION_MODES = ("recorded", "detached")
+
+
+def benchmark_frozen_vision(workspace: Workspace, settings: Settings) -> dict[str, Any]:
+    """Part 6: each mode in a fresh process (`--vision_worker`), so that one's memory does not hide the other's."""
+    spec = {
+        "height": settings.vision_image_size[0],
+        "width": settings.vision_image_size[1],
+        "language_layers": settings.vision_language_layers,
+        "steps": settings.vision_steps,
+        # --quick: the tiny Qwen2-VL's config and processor instead of Qwen2-VL-2B's
+        "tiny_model": str(workspace.tiny_model("qwen2_vl")) if settings.quick else None,
+    }
+    results: dict[str, Any] = {}
+    for mode in VISION_MODES:
+        spec_path = workspace.root / f"vision-{mode}.json"
+        spec_path.write_text(json.dumps({**spec, "mode": mode}), encoding="utf-8")
+        completed = subprocess.run(
+            [sys.executable, str(Path(__file__).resolve()), "--vision_worker", str(spec_path)],
+            check=False,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **MEMORY_WORKER_MALLOC},
+            timeout=3600,
+        )
+        lines = [line for line in completed.stdout.splitlines() if line.startswith(VISION_MARKER)]
+        if completed.returncode != 0 or not lines:
+            raise RuntimeError(
+                f"Part 6 run {mode!r} failed (exit {completed.returncode}):\n{completed.stderr[-3000:]}"
+            )
+        results[mode] = json.loads(lines[-1][len(VISION_MARKER) :])
+        print(f"[benchmark] part 6: {mode}: {lines[-1][len(VISION_MARKER) :]}", file=sys.stderr, flush=True)
+    recorded, detached = results["recorded"], results["detached"]
+    return {
+        **results,
+        "model": recorded["model"],
+        "speedup_detached": recorded["median_step_seconds"] / detached["median_step_seconds"],
+        "ratio_peak_detached_to_recorded": detached["peak_bytes_above_start"] / recorded["peak_bytes_above_start"],
+        "worker_environment": MEMORY_WORKER_MALLOC,
+        "definitions": {
+            "recorded": "transformers' enable_input_require_grads hook on the vision tower's patch embedding (what TRL "
+            "and the Trainer set up): autograd records the frozen tower, keeps its checkpointed inputs and "
+            "back-propagates through it",
+            "detached": "the same, plus detach_frozen_vision_inputs, as VLMSFTTrainer does at the start of training",
+            "peak_bytes_above_start": "CPU: the highest resident set during the steps (read as VmHWM after resetting "
+            "it) minus the resident set before them, the lowest over the steps; CUDA: max_memory_allocated minus the "
+            "memory allocated before each step, the lowest over the steps",
+        },
+    }
+
+
+def vision_worker(spec_path: str) -> None:
+    """One mode of part 6 in this fresh process; prints its figures as one JSON line."""
+    import numpy as np
+    import torch
+    from peft import get_peft_model
+    from PIL import Image
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    from vlm_recipes.collator import VisionChatCollator
+    from vlm_recipes.configs import VLMModelConfig
+    from vlm_recipes.models import detach_frozen_vision_inputs, peft_config_for
+
+    spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
+    recipe_budget = {"max_pixels": 401408}  # the Qwen2-VL recipe's (QWEN_RECIPE)
+    if spec["tiny_model"]:
+        processor = AutoProcessor.from_pretrained(spec["tiny_model"])
+        config, model_name = AutoConfig.from_pretrained(spec["tiny_model"]), "tiny Qwen2-VL"
+    else:
+        real = REAL_PROCESSORS / "qwen2-vl"
+        if (real / "tokenizer_config.json").is_file():
+            processor = AutoProcessor.from_pretrained(real, **recipe_budget)
+        else:
+            processor = AutoProcessor.from_pretrained(Workspace(Path(spec_path).parent).tiny_model("qwen2_vl"))
+            processor.image_processor.max_pixels = recipe_budget["max_pixels"]
+        full, _ = qwen2_vl_2b_config()
+        values = full.to_dict()
+        layers = spec["language_layers"]
+        for section in (values, values["text_config"]):
+            if "num_hidden_layers" in section:
+                section["num_hidden_layers"] = layers
+            if section.get("layer_types"):
+                section["layer_types"] = section["layer_types"][:layers]
+        config = type(full)(**values)
+        model_name = f"Qwen2-VL-2B's vision tower ({config.vision_config.depth} blocks) + {layers} language layer(s)"
+    if processor.tokenizer.pad_token is None:
+        processor.tokenizer.pad_token = processor.tokenizer.eos_token
+    align_config_to_processor(config, processor)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    model_args = VLMModelConfig(use_peft=True, lora_r=16, lora_alpha=32, lora_dropout=0.0)
+    model = get_peft_model(model, peft_config_for(model, model_args))
+    model.enable_input_require_grads()  # as TRL (PEFT) and the Trainer (checkpointing) do
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    if spec["mode"] == "detached" and not detach_frozen_vision_inputs(model):
+        raise RuntimeError("detach_frozen_vision_inputs found no frozen vision tower to detach")
+    pixels = np.random.default_rng(0).integers(0, 256, (spec["height"], spec["width"], 3), dtype=np.uint8)
+    row = {
+        "images": [Image.fromarray(pixels)],
+        "messages": [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Open the settings menu."}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "click(0.91, 0.05)"}]},
+        ],
+    }
+    inputs = VisionChatCollator(processor, max_length=4096)([row])
+    inputs = {key: value.to(device) for key, value in inputs.items()}
+
+    def memory_now() -> int:
+        if device == "cuda":
+            return torch.cuda.memory_allocated()
+        return _status_bytes("VmRSS")
+
+    seconds, peaks = [], []
+    for _ in range(spec["steps"]):
+        model.zero_grad(set_to_none=True)
+        gc.collect()
+        start = memory_now()
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
+        began = time.perf_counter()
+        model(**inputs).loss.backward()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - began)
+        peak = torch.cuda.max_memory_allocated() if device == "cuda" else _status_bytes("VmHWM")
+        peaks.append(peak - start)
+    figures = {
+        "mode": spec["mode"],
+        "model": model_name,
+        "device": device,
+        "torch_threads": torch.get_num_threads(),
+        "image_patches": int(inputs["image_grid_thw"].prod(dim=-1).sum()),
+        "tokens": int(inputs["attention_mask"].sum()),
+        "step_seconds": seconds,
+        "median_step_seconds": statistics.median(seconds),
+        "peak_bytes_above_start": min(peaks),
+    }
+    print(VISION_MARKER + json.dumps(figures), flush=True)
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------------------------------
 def machine_info() -> dict[str, Any]:
@@ -1308,6 +1479,20 @@ def format_table(report: dict[str, Any]) -> str:
                 if figures.get("mfu") is not None:
                     text += f", MFU {figures['mfu']:.1%}"
                 row(f"{mode} batch {batch_size}", text)
+    if "frozen_vision" in results:
+        part = results["frozen_vision"]
+        lines.append(f"6. Frozen vision tower, one LoRA step ({part['model']}, {part['recorded']['device']})")
+        for mode in VISION_MODES:
+            figures = part[mode]
+            row(
+                f"{mode} ({figures['image_patches']} patches, {figures['tokens']} tokens)",
+                f"{figures['median_step_seconds']:.1f} s/step, peak {figures['peak_bytes_above_start'] / 2**20:.0f} MiB "
+                "above start",
+            )
+        row(
+            "detached: speed-up; peak / recorded peak",
+            f"{part['speedup_detached']:.2f}x; {part['ratio_peak_detached_to_recorded']:.2f}",
+        )
     lines.append("Targets")
     for name, check in report["targets"].items():
         verdict = "PASS" if check["passed"] else "FAIL"
@@ -1325,7 +1510,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
     parser.add_argument("--output", default="benchmark.json", help="JSON file for every figure (written atomically).")
     parser.add_argument("--quick", action="store_true", help="Smallest sizes everywhere (for tests; noisy figures).")
     parser.add_argument("--gpu", action="store_true", help="Also run part 5 (full-size Qwen2-VL-2B) on CUDA.")
-    parser.add_argument("--parts", default=None, help="Comma-separated parts to run (default 1,2,3,4; 5 with --gpu).")
+    parser.add_argument(
+        "--parts", default=None, help="Comma-separated parts to run (default 1,2,3,4; 5 with --gpu; 6 on request)."
+    )
     parser.add_argument("--steps", type=int, default=None, help="Timed training steps of part 2.")
     parser.add_argument("--warmup", type=int, default=None, help="Untimed warm-up steps before them.")
     parser.add_argument("--repeats", type=int, default=None, help="Repeats of part 2 (median reported).")
@@ -1334,6 +1521,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
     parser.add_argument("--peak_tflops", type=float, default=None, help="Peak bf16 TFLOP/s of the GPU, for MFU.")
     parser.add_argument("--workdir", default=None, help="Keep tiny models and data here (default: a temp dir).")
     parser.add_argument("--memory_worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--vision_worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     settings = Settings()
     if args.quick:
@@ -1367,6 +1555,7 @@ def main(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
         3: ("padding", benchmark_padding),
         4: ("memory", benchmark_memory),
         5: ("full_size", benchmark_full_size),
+        6: ("frozen_vision", benchmark_frozen_vision),
     }
     try:
         for number in settings.parts:
@@ -1397,5 +1586,7 @@ if __name__ == "__main__":
     cli_args, cli_settings = parse_args()
     if cli_args.memory_worker:
         memory_worker(cli_args.memory_worker)
+    elif cli_args.vision_worker:
+        vision_worker(cli_args.vision_worker)
     else:
         main(cli_args, cli_settings)

@@ -77,6 +77,25 @@ def test_quick_run_writes_every_figure(tmp_path):
     assert "Targets" in result.stdout and "ratio ours / TRL" in result.stdout
 
 
+@pytest.mark.slow
+def test_frozen_vision_part_runs_both_modes_in_fresh_processes(tmp_path):
+    """Part 6 (on request only): the recorded and the detached tower, each in its own worker, on the same input. The
+    detached worker stops if `detach_frozen_vision_inputs` finds nothing to detach, so exit 0 means it did detach."""
+    output = tmp_path / "benchmark.json"
+    result = run_script(["scripts/benchmark.py", "--quick", "--parts", "6", "--output", str(output)], timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    part = json.loads(output.read_text())["results"]["frozen_vision"]
+    recorded, detached = part["recorded"], part["detached"]
+    assert (recorded["mode"], detached["mode"]) == ("recorded", "detached")
+    assert recorded["image_patches"] == detached["image_patches"] > 0
+    assert recorded["tokens"] == detached["tokens"] > 0
+    for figures in (recorded, detached):
+        assert len(figures["step_seconds"]) == 1 and figures["median_step_seconds"] > 0
+        assert figures["peak_bytes_above_start"] > 0
+    assert part["speedup_detached"] == pytest.approx(recorded["median_step_seconds"] / detached["median_step_seconds"])
+    assert "6. Frozen vision tower" in result.stdout
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where there is no GPU")
 def test_gpu_part_says_it_needs_a_gpu(tmp_path):
     result = run_script(["scripts/benchmark.py", "--gpu", "--output", str(tmp_path / "b.json")], timeout=300)
