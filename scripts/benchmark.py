@@ -1222,8 +1222,8 @@ def vision_worker(spec_path: str) -> None:
         if (real / "tokenizer_config.json").is_file():
             processor = AutoProcessor.from_pretrained(real, **recipe_budget)
         else:
-            processor = AutoProcessor.from_pretrained(Workspace(Path(spec_path).parent).tiny_model("qwen2_vl"))
-            processor.image_processor.max_pixels = recipe_budget["max_pixels"]
+            tiny = Workspace(Path(spec_path).parent).tiny_model("qwen2_vl")
+            processor = AutoProcessor.from_pretrained(tiny, **recipe_budget)
         full, _ = qwen2_vl_2b_config()
         values = full.to_dict()
         layers = spec["language_layers"]

@@ -8,6 +8,7 @@ import gc
 import math
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -369,7 +370,6 @@ class TestFreezingAndParameterGroups:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-@pytest.mark.slow
 def vision_block_inputs(model) -> list[bool]:
     """Whether the input of each checkpointed vision block requires grad, appended on every forward."""
     family = family_of_model(model)
@@ -385,6 +385,7 @@ def vision_block_inputs(model) -> list[bool]:
     return seen
 
 
+@pytest.mark.slow
 class TestFrozenVisionTower:
     """A frozen vision tower runs without autograd: no activations kept for it, no backward through it, and the same
     gradients for everything that trains."""
@@ -418,13 +419,24 @@ class TestFrozenVisionTower:
         for name, gradient in reference.items():
             torch.testing.assert_close(detached[name], gradient, msg=name)
 
-    @pytest.mark.parametrize("lora_vision", [False, True])
-    def test_trainer_detaches_only_a_frozen_tower(self, lora_vision, tiny_model_dirs, train_dataset, tmp_path):
+    @pytest.mark.parametrize("lora_vision, use_reentrant", [(False, False), (False, True), (True, False)])
+    def test_trainer_detaches_only_a_frozen_tower(
+        self, lora_vision, use_reentrant, tiny_model_dirs, train_dataset, tmp_path
+    ):
+        """Reentrant checkpointing (ours under ZeRO-3) too, without torch's warning about the frozen blocks' inputs."""
         model_args = model_config(tiny_model_dirs["qwen2_vl"], use_peft=True, lora_r=4, lora_vision=lora_vision)
-        args = training_config(tmp_path, gradient_checkpointing=True, max_steps=1)
+        args = training_config(
+            tmp_path,
+            gradient_checkpointing=True,
+            gradient_checkpointing_kwargs={"use_reentrant": use_reentrant},
+            max_steps=1,
+        )
         trainer = make_trainer(tiny_model_dirs["qwen2_vl"], train_dataset, model_args, args)
         seen = vision_block_inputs(trainer.model)
-        changed = train(trainer)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            changed = train(trainer)
+        assert not [w for w in caught if "None of the inputs have requires_grad" in str(w.message)]
         assert seen and all(flag == lora_vision for flag in seen)
         family = family_of_model(trainer.model)
         assert {family.part_of(name) for name in changed if ".lora_B." in name} == (
@@ -442,6 +454,7 @@ class TestFrozenVisionTower:
         assert {family.part_of(name) for name in changed} == {"projector", "language"}
 
 
+@pytest.mark.slow
 class TestTraining:
     @pytest.mark.parametrize("family_name", FAMILY_PARAMS)
     def test_qlora_changes_only_lora_and_stays_4bit(self, family_name, tiny_model_dirs, train_dataset, tmp_path):

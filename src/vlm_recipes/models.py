@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -703,7 +704,8 @@ def detach_frozen_vision_inputs(model, handles: list | None = None) -> list:
     tower runs without autograd. Returns the hook handles; pass the previous ones to replace them.
 
     Forward hooks run in registration order, so this must come after the last `enable_input_require_grads` (which
-    the Trainer calls in `train`): `VLMSFTTrainer` registers it at the start of training.
+    the Trainer calls in `train`): `VLMSFTTrainer` registers it at the start of training. Under FSDP the model's
+    module names carry FSDP's wrapper prefixes, no part matches and nothing is detached (untested without GPUs).
     """
     for handle in handles or []:
         handle.remove()
@@ -784,8 +786,15 @@ class _FrozenVisionWithoutGrad(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.handles = detach_frozen_vision_inputs(self.trainer.model, self.handles)
-        if self.handles:
-            logger.info("Frozen vision tower: it runs without autograd (no activations kept, no backward through it).")
+        if not self.handles:
+            return
+        logger.info("Frozen vision tower: it runs without autograd (no activations kept, no backward through it).")
+        if (args.activation_checkpointing_kwargs or {}).get("use_reentrant"):
+            # Reentrant checkpointing warns for every checkpointed block whose inputs need no grad: here the frozen
+            # tower's, on purpose. Trainable blocks get inputs that require grad (`_make_checkpointed_inputs_require_grad`).
+            warnings.filterwarnings(
+                "ignore", message="None of the inputs have requires_grad=True", module="torch.utils.checkpoint"
+            )
 
 
 def _part_has_trainable(model, part: str) -> bool:
