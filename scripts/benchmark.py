@@ -25,8 +25,9 @@ of the two sides is taken per repeat; the targets use the median of those paired
 5. `--gpu`: the full-size Qwen2-VL-2B architecture from its config, random weights (no download), trained through
    `scripts/sft.py` with the Qwen2-VL recipe's training keys (pixel budget, gradient checkpointing, bf16), LoRA and
    4-bit QLoRA at batch sizes 1, 2, 4, 8 on 1280x720 screenshots: tokens/s, samples/s, peak GPU memory and model FLOPs
-   utilisation, MFU = 6 x (language-model parameters x tokens + vision-tower parameters x image patches) per second
-   over the GPU's peak dense bf16 FLOP/s (`PEAK_BF16_TFLOPS`, or `--peak_tflops`). The factor 6 is the usual
+   utilisation, MFU = (6 x language-model parameters x tokens + f x vision-tower parameters x image patches) per
+   second over the GPU's peak dense bf16 FLOP/s (`PEAK_BF16_TFLOPS`, or `--peak_tflops`); f = 2 for a frozen vision
+   tower, which runs forward only (`detach_frozen_vision_inputs`), else 6. The factor 6 is the usual
    forward + backward count per parameter and token (Kaplan et al. 2020; PaLM's MFU); it leaves out attention's
    sequence-length term (~4% here), the recomputation of gradient checkpointing, and counts LoRA's frozen weights as
    if they had weight gradients, as MFU does.
@@ -268,6 +269,17 @@ class StepRecorder:
         self.batches: list[dict[str, int]] = []
         self.args = trainer.args
         self.synchronize = trainer.args.device.type == "cuda"
+        # The vision tower's FLOPs factor for MFU: 6 when it trains, 2 when it is frozen, since `VLMSFTTrainer` then
+        # runs it forward only (`detach_frozen_vision_inputs`); None when the trainer class is not ours.
+        self.vision_flops_factor = None
+        if vision_patches and hasattr(trainer, "model_args"):
+            from vlm_recipes.families import family_of_model
+
+            family = family_of_model(trainer.model)
+            trains = any(
+                p.requires_grad and family.part_of(n) == "vision" for n, p in trainer.model.named_parameters()
+            )
+            self.vision_flops_factor = 6 if trains else 2
 
         class _Callback(TrainerCallback):
             def on_step_end(self, args, state, control, **kwargs):
@@ -1107,15 +1119,16 @@ def benchmark_full_size(workspace: Workspace, settings: Settings, device: str = 
                 results[mode][str(batch_size)] = {"out_of_memory": True}
             else:
                 rates = recorders[0].rates(settings.gpu_warmup)
-                flops = 6 * (
-                    counts["language_model_compute"] * rates["tokens_per_second"]
-                    + counts["vision_tower"] * rates.get("patches_per_second", 0.0)
-                )
+                vision_factor = recorders[0].vision_flops_factor
+                flops = 6 * counts["language_model_compute"] * rates["tokens_per_second"] + vision_factor * counts[
+                    "vision_tower"
+                ] * rates.get("patches_per_second", 0.0)
                 results[mode][str(batch_size)] = {
                     **rates,
                     "tokens_per_sample": rates["tokens_per_second"] / rates["samples_per_second"],
                     "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
                     "model_flops_per_second": flops,
+                    "vision_flops_factor": vision_factor,
                     "mfu": flops / peak_flops if peak_flops else None,
                 }
             # One line per run as it ends: a run cut short by a time limit still shows what it measured.
@@ -1141,7 +1154,8 @@ def benchmark_full_size(workspace: Workspace, settings: Settings, device: str = 
         "peak_bf16_flops": peak_flops,
         "peak_bf16_flops_source": peak_source,
         **results,
-        "mfu_formula": "6 * (language_model_compute_params * tokens/s + vision_tower_params * patches/s) / peak; "
+        "mfu_formula": "(6 * language_model_compute_params * tokens/s + vision_flops_factor * vision_tower_params * "
+        "patches/s) / peak, vision_flops_factor 2 for a frozen vision tower (forward only), else 6; "
         "tokens are non-padding tokens, patches the vision tower's input patches (image_grid_thw)",
     }
 
