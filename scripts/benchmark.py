@@ -794,20 +794,7 @@ def benchmark_memory(workspace: Workspace, settings: Settings) -> dict[str, Any]
         recipe = {**common, **extra, "output_dir": str(workspace.root / "outputs" / f"memory-{name}")}
         recipe_path = workspace.root / f"memory-{name}.yaml"
         recipe_path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
-        completed = subprocess.run(
-            [sys.executable, str(Path(__file__).resolve()), "--memory_worker", str(recipe_path)],
-            check=False,
-            capture_output=True,
-            text=True,
-            env={**os.environ, "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false", **MEMORY_WORKER_MALLOC},
-            timeout=1800,
-        )
-        lines = [line for line in completed.stdout.splitlines() if line.startswith(MEMORY_MARKER)]
-        if completed.returncode != 0 or not lines:
-            raise RuntimeError(
-                f"Memory run {name!r} failed (exit {completed.returncode}):\n{completed.stderr[-3000:]}"
-            )
-        results[name] = json.loads(lines[-1][len(MEMORY_MARKER) :])
+        results[name] = run_worker("--memory_worker", recipe_path, MEMORY_MARKER, f"Memory run {name!r}", 1800)
     lora, qlora = results["bf16_lora"]["peak_bytes_above_start"], results["qlora_4bit"]["peak_bytes_above_start"]
     return {
         "model": f"random Qwen2-VL, language model {settings.memory_layers} layers x hidden "
@@ -830,6 +817,23 @@ def benchmark_memory(workspace: Workspace, settings: Settings) -> dict[str, Any]
             "adapters included)",
         },
     }
+
+
+def run_worker(flag: str, path: Path, marker: str, what: str, timeout: int) -> dict[str, Any]:
+    """Run this script as a worker (`flag path`) in a fresh process, with the memory workers' allocator setting, and
+    return the JSON of its last `marker` line; its stderr's end is in the error if it fails."""
+    completed = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), flag, str(path)],
+        check=False,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false", **MEMORY_WORKER_MALLOC},
+        timeout=timeout,
+    )
+    lines = [line for line in completed.stdout.splitlines() if line.startswith(marker)]
+    if completed.returncode != 0 or not lines:
+        raise RuntimeError(f"{what} failed (exit {completed.returncode}):\n{completed.stderr[-3000:]}")
+    return json.loads(lines[-1][len(marker) :])
 
 
 def memory_worker(recipe_path: str) -> None:
@@ -1180,21 +1184,8 @@ def benchmark_frozen_vision(workspace: Workspace, settings: Settings) -> dict[st
     for mode in VISION_MODES:
         spec_path = workspace.root / f"vision-{mode}.json"
         spec_path.write_text(json.dumps({**spec, "mode": mode}), encoding="utf-8")
-        completed = subprocess.run(
-            [sys.executable, str(Path(__file__).resolve()), "--vision_worker", str(spec_path)],
-            check=False,
-            capture_output=True,
-            text=True,
-            env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **MEMORY_WORKER_MALLOC},
-            timeout=3600,
-        )
-        lines = [line for line in completed.stdout.splitlines() if line.startswith(VISION_MARKER)]
-        if completed.returncode != 0 or not lines:
-            raise RuntimeError(
-                f"Part 6 run {mode!r} failed (exit {completed.returncode}):\n{completed.stderr[-3000:]}"
-            )
-        results[mode] = json.loads(lines[-1][len(VISION_MARKER) :])
-        print(f"[benchmark] part 6: {mode}: {lines[-1][len(VISION_MARKER) :]}", file=sys.stderr, flush=True)
+        results[mode] = run_worker("--vision_worker", spec_path, VISION_MARKER, f"Part 6 run {mode!r}", 3600)
+        print(f"[benchmark] part 6: {mode}: {json.dumps(results[mode])}", file=sys.stderr, flush=True)
     recorded, detached = results["recorded"], results["detached"]
     return {
         **results,
