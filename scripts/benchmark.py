@@ -270,16 +270,12 @@ class StepRecorder:
         self.args = trainer.args
         self.synchronize = trainer.args.device.type == "cuda"
         # The vision tower's FLOPs factor for MFU: 6 when it trains, 2 when it is frozen, since `VLMSFTTrainer` then
-        # runs it forward only (`detach_frozen_vision_inputs`); None when the trainer class is not ours.
+        # runs it forward only (`detach_frozen_vision_inputs`).
         self.vision_flops_factor = None
-        if vision_patches and hasattr(trainer, "model_args"):
-            from vlm_recipes.families import family_of_model
+        if vision_patches:
+            from vlm_recipes.models import part_has_trainable
 
-            family = family_of_model(trainer.model)
-            trains = any(
-                p.requires_grad and family.part_of(n) == "vision" for n, p in trainer.model.named_parameters()
-            )
-            self.vision_flops_factor = 6 if trains else 2
+            self.vision_flops_factor = 6 if part_has_trainable(trainer.model, "vision") else 2
 
         class _Callback(TrainerCallback):
             def on_step_end(self, args, state, control, **kwargs):
@@ -423,8 +419,26 @@ def qwen_pixel_budget() -> dict[str, int]:
     return {key: recipe[key] for key in ("min_pixels", "max_pixels") if recipe.get(key) is not None}
 
 
-def benchmark_collators(workspace: Workspace, settings: Settings) -> dict[str, Any]:
+def qwen2_vl_processor(workspace: Workspace, **kwargs):
+    """The real Qwen2-VL processor when `REAL_PROCESSORS` holds it, else the tiny Qwen2-VL's, loaded with `kwargs`
+    (a pixel budget) and given a pad token; returns it with a description for the report."""
     from transformers import AutoProcessor
+
+    real = REAL_PROCESSORS / "qwen2-vl"
+    if (real / "tokenizer_config.json").is_file():
+        path, name = real, f"real Qwen2-VL processor ({real})"
+    else:
+        path, name = (
+            workspace.tiny_model("qwen2_vl"),
+            f"tiny Qwen2-VL processor (no real processor under {REAL_PROCESSORS})",
+        )
+    processor = AutoProcessor.from_pretrained(path, **kwargs)
+    if processor.tokenizer.pad_token is None:
+        processor.tokenizer.pad_token = processor.tokenizer.eos_token
+    return processor, name
+
+
+def benchmark_collators(workspace: Workspace, settings: Settings) -> dict[str, Any]:
     from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
     from vlm_recipes.chat_templates import trl_chat_template
@@ -432,15 +446,8 @@ def benchmark_collators(workspace: Workspace, settings: Settings) -> dict[str, A
     from vlm_recipes.training import load_splits
 
     budget = qwen_pixel_budget()
-    real = REAL_PROCESSORS / "qwen2-vl"
-    if (real / "tokenizer_config.json").is_file():
-        processor_path, processor_name = real, f"real Qwen2-VL processor ({real}), {budget}"
-    else:
-        processor_path = workspace.tiny_model("qwen2_vl")
-        processor_name = f"tiny Qwen2-VL processor (no real processor under {REAL_PROCESSORS}), {budget}"
-    processor = AutoProcessor.from_pretrained(processor_path, **budget)
-    if processor.tokenizer.pad_token is None:
-        processor.tokenizer.pad_token = processor.tokenizer.eos_token
+    processor, processor_name = qwen2_vl_processor(workspace, **budget)
+    processor_name += f", {budget}"
 
     examples = []
     for name in ("shapes_qwen2vl", "chess", "ui_actions"):
@@ -914,7 +921,7 @@ def _current_rss() -> int:
 
 
 def _status_bytes(key: str) -> int:
-    """One size field of /proc/self/status (`VmRSS`, `VmHWM`), in bytes."""
+    """One size field of /proc/self/status (`VmHWM`, the peak resident set), in bytes."""
     with open("/proc/self/status", encoding="ascii") as handle:
         for line in handle:
             if line.startswith(key + ":"):
@@ -1055,22 +1062,16 @@ def benchmark_full_size(workspace: Workspace, settings: Settings, device: str = 
     """
     import torch
     import yaml
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     from vlm_recipes.configs import parse_recipe
 
     if device == "cuda":
         require_cuda()
     recipe = yaml.safe_load(QWEN_RECIPE.read_text(encoding="utf-8"))
-    budget = {key: recipe[key] for key in ("min_pixels", "max_pixels") if recipe.get(key) is not None}
-    real = REAL_PROCESSORS / "qwen2-vl"
-    if (real / "tokenizer_config.json").is_file():
-        processor, processor_name = AutoProcessor.from_pretrained(real), f"real Qwen2-VL processor, {budget}"
-    else:
-        processor = AutoProcessor.from_pretrained(workspace.tiny_model("qwen2_vl"))
-        processor_name = f"tiny tokenizer + Qwen2-VL image processor (no real processor found), {budget}"
-    if processor.tokenizer.pad_token is None:
-        processor.tokenizer.pad_token = processor.tokenizer.eos_token
+    # The budget reaches training through the recipe's keys; this processor only fits the config and goes with the model.
+    processor, processor_name = qwen2_vl_processor(workspace)
+    processor_name += f", {qwen_pixel_budget()}"
     config, config_source = qwen2_vl_2b_config() if config is None else (config, "given")
     align_config_to_processor(config, processor)
     counts = parameter_counts(config)
@@ -1124,9 +1125,9 @@ def benchmark_full_size(workspace: Workspace, settings: Settings, device: str = 
             else:
                 rates = recorders[0].rates(settings.gpu_warmup)
                 vision_factor = recorders[0].vision_flops_factor
-                flops = 6 * counts["language_model_compute"] * rates["tokens_per_second"] + vision_factor * counts[
-                    "vision_tower"
-                ] * rates.get("patches_per_second", 0.0)
+                language_flops = 6 * counts["language_model_compute"] * rates["tokens_per_second"]
+                vision_flops = vision_factor * counts["vision_tower"] * rates.get("patches_per_second", 0.0)
+                flops = language_flops + vision_flops
                 results[mode][str(batch_size)] = {
                     **rates,
                     "tokens_per_sample": rates["tokens_per_second"] / rates["samples_per_second"],
@@ -1218,17 +1219,13 @@ def vision_worker(spec_path: str) -> None:
     from vlm_recipes.models import detach_frozen_vision_inputs, peft_config_for
 
     spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
-    recipe_budget = {"max_pixels": 401408}  # the Qwen2-VL recipe's (QWEN_RECIPE)
     if spec["tiny_model"]:
         processor = AutoProcessor.from_pretrained(spec["tiny_model"])
+        if processor.tokenizer.pad_token is None:
+            processor.tokenizer.pad_token = processor.tokenizer.eos_token
         config, model_name = AutoConfig.from_pretrained(spec["tiny_model"]), "tiny Qwen2-VL"
     else:
-        real = REAL_PROCESSORS / "qwen2-vl"
-        if (real / "tokenizer_config.json").is_file():
-            processor = AutoProcessor.from_pretrained(real, **recipe_budget)
-        else:
-            tiny = Workspace(Path(spec_path).parent).tiny_model("qwen2_vl")
-            processor = AutoProcessor.from_pretrained(tiny, **recipe_budget)
+        processor, _ = qwen2_vl_processor(Workspace(Path(spec_path).parent), **qwen_pixel_budget())
         full, _ = qwen2_vl_2b_config()
         values = full.to_dict()
         layers = spec["language_layers"]
@@ -1239,8 +1236,6 @@ def vision_worker(spec_path: str) -> None:
                 section["layer_types"] = section["layer_types"][:layers]
         config = type(full)(**values)
         model_name = f"Qwen2-VL-2B's vision tower ({config.vision_config.depth} blocks) + {layers} language layer(s)"
-    if processor.tokenizer.pad_token is None:
-        processor.tokenizer.pad_token = processor.tokenizer.eos_token
     align_config_to_processor(config, processor)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
@@ -1267,7 +1262,7 @@ def vision_worker(spec_path: str) -> None:
     def memory_now() -> int:
         if device == "cuda":
             return torch.cuda.memory_allocated()
-        return _status_bytes("VmRSS")
+        return _current_rss()
 
     seconds, peaks = [], []
     for _ in range(spec["steps"]):

@@ -41,6 +41,7 @@ __all__ = [
     "load_model",
     "load_processor",
     "lora_target_modules_for",
+    "part_has_trainable",
     "part_learning_rates",
     "part_parameter_groups",
     "peft_config_for",
@@ -679,7 +680,7 @@ def _frozen_vision_embeddings(model) -> list[torch.nn.Module]:
         family = family_of_model(model)
     except UnknownFamilyError:
         return []
-    if any(p.requires_grad and family.part_of(name) == "vision" for name, p in model.named_parameters()):
+    if part_has_trainable(model, "vision"):
         return []
     language_embeddings = model.get_input_embeddings()
     found: dict[int, torch.nn.Module] = {}
@@ -749,7 +750,7 @@ class VLMSFTTrainer(SFTTrainer):
         if self.optimizer is not None or not has_part_rates:
             return super().create_optimizer(model)
         for part, rate in part_learning_rates(self.model_args).items():
-            if rate is not None and not _part_has_trainable(opt_model, part):
+            if rate is not None and not part_has_trainable(opt_model, part):
                 logger.warning(
                     "`%s: %g` is set but the %s has no trainable parameters.",
                     _PART_LR_KEYS[part],
@@ -797,6 +798,7 @@ class _FrozenVisionWithoutGrad(TrainerCallback):
             )
 
 
-def _part_has_trainable(model, part: str) -> bool:
+def part_has_trainable(model, part: str) -> bool:
+    """Whether any parameter of `part` (`vision`, `projector`, `language`; the family registry's parts) trains."""
     family = family_of_model(model)
     return any(p.requires_grad and family.part_of(name) == part for name, p in model.named_parameters())
