@@ -20,6 +20,7 @@ from vlm_recipes.collator import VisionChatCollator
 from vlm_recipes.configs import RecipeError, parse_recipe, resolved_recipe
 from vlm_recipes.distributed import (
     check_launch,
+    close_process_group,
     keep_checkpoint_key_names,
     launch_summary,
     model_for_generation,
@@ -105,6 +106,9 @@ def main(script_args, training_args, model_args):
     if trainer.accelerator.is_main_process:
         save_processor_files(training_args.output_dir, processor, trainer.model.generation_config)
         save_resolved_recipe(resolved_recipe(script_args, training_args, model_args), training_args.output_dir)
+    # The last collective was saving: all processes close their process group together (see the docstring); what
+    # follows runs on the main process alone.
+    close_process_group(trainer)
 
     ################
     # Report

@@ -110,6 +110,9 @@ def assert_finished(returncode: int, output: str, engine: str, machines: int = 1
     assert f"processes: {engine}, 2 processes on {machines} machine{plural}" in output, output[-3000:]
     # Process 0 had text-only batches only: they got the masked dummy image (else the run would not have finished).
     assert "got a masked dummy image" in output, output[-3000:]
+    # Every process closed its process group after saving (not at interpreter exit, where gloo sometimes aborts).
+    for rank in range(2):
+        assert f"Process {rank} of 2: process group closed." in output, output[-3000:]
 
 
 def image_tokens_per_image(model_dir: Path) -> int:

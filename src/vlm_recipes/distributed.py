@@ -6,6 +6,7 @@ beyond what accelerate and the Trainer already do.
   each train alone (world size 1) unless the recipe says how they talk (`use_cpu: true` for DDP, `ddp_backend: gloo`
   for DeepSpeed); and `use_cpu: true` under a DeepSpeed or FSDP config turns the engine off without a word.
 - `launch_summary`: one line naming the engine and the process count, printed by the script.
+- `close_process_group`: every process closes its process group together once the run has saved.
 - `ImageInEveryBatch`: a collator wrapper that gives a text-only batch one masked dummy image, so that every process
   runs the vision tower in every step (see its docstring for why multi-process runs need it).
 - `parameters_are_sharded`, `without_zero3_sharding`, `model_for_generation`: reloading and evaluating the saved
@@ -33,6 +34,7 @@ __all__ = [
     "ImageInEveryBatch",
     "append_masked_dummy_image",
     "check_launch",
+    "close_process_group",
     "describe_global_batch",
     "global_batch",
     "keep_checkpoint_key_names",
@@ -130,6 +132,29 @@ def launch_summary(trainer) -> str:
     local = int(os.environ.get("LOCAL_WORLD_SIZE", processes) or processes)
     machines = max(1, processes // max(1, local))
     return f"{engine}, {processes} processes on {machines} machine{'s' if machines > 1 else ''}"
+
+
+def close_process_group(trainer) -> bool:
+    """After the run's last collective (saving): every process waits for the others, then destroys its process group.
+
+    Why not leave it to the interpreter's exit, as the Trainer does: a process that exits with its group alive tears
+    the backend's threads down in C++ static destruction, and there gloo sometimes aborts the process ("terminate
+    called without an active exception", seen on a rank that had finished training and saving); NCCL's destroy is
+    collective and may hang when the ranks do not call it together (pytorch/pytorch#122358 documents calling it on
+    every rank at the end of `main`). Here all ranks call it at one point, right after saving, so that what follows
+    on the main process alone (reloading the output, evaluation by generation, which can take longer than the
+    collective timeout) runs without a group that the others would have to wait in.
+    Returns whether there was a group to close; a single-process run has none.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    state = trainer.accelerator.state
+    trainer.accelerator.wait_for_everyone()
+    state.destroy_process_group()
+    logger.info("Process %d of %d: process group closed.", state.process_index, state.num_processes)
+    return True
 
 
 # --------------------------------------------------------------------------------------------------------------------
