@@ -6,7 +6,7 @@ import numpy
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoProcessor
+from transformers import AutoProcessor, ProcessorMixin
 
 from vlm_recipes import collator as collator_module
 from vlm_recipes.collator import IGNORE_INDEX, LabelReason, VisionChatCollator, _offsets_array
@@ -474,3 +474,51 @@ class TestExplain:
         reasons = {reason for *_, reason in explained}
         assert {LabelReason.SYSTEM, LabelReason.USER, LabelReason.IMAGE, LabelReason.ASSISTANT} <= reasons
         assert LabelReason.PROMPT_CUE in reasons
+
+
+def first_batch_then(collator, examples):
+    """`collator` on a first, different batch (which decides how it builds `mm_token_type_ids`), then on `examples`."""
+    collator([conversations()[0], conversations()[3]])
+    return collator(examples)
+
+
+def assert_same_batch(ours, reference):
+    assert sorted(ours) == sorted(reference)
+    for key, value in reference.items():
+        assert torch.equal(ours[key], value), key
+
+
+class TestMmTokenTypeIds:
+    """After its first batch the collator builds `mm_token_type_ids` itself where the processor's method is the stock
+    one (one comparison over the padded batch instead of transformers' row-by-row loop); batches are unchanged."""
+
+    @pytest.mark.parametrize("family", sorted(TINY_KIND))
+    def test_tiny_families(self, family, tiny_model_dirs):
+        self.check(tiny_processor(tiny_model_dirs, family))
+
+    @pytest.mark.parametrize("name", sorted(REAL_PROCESSORS))
+    def test_real_processors(self, name):
+        self.check(real_processor(name))
+
+    @staticmethod
+    def check(processor):
+        examples = conversations()
+        reference = VisionChatCollator(processor)(examples)  # a first batch: the processor's own ids
+        collator = VisionChatCollator(processor)
+        assert_same_batch(first_batch_then(collator, examples), reference)
+        returns_types = "mm_token_type_ids" in reference
+        stock = type(processor).create_mm_token_type_ids is ProcessorMixin.create_mm_token_type_ids
+        assert collator._own_mm_token_types is (returns_types and stock)
+        if collator._own_mm_token_types:
+            image_positions = reference["input_ids"] == processor.image_token_id
+            assert image_positions.any()
+            assert torch.equal(reference["mm_token_type_ids"], image_positions.long())
+
+    def test_a_disagreement_on_the_first_batch_keeps_the_processors_ids(self, tiny_model_dirs, monkeypatch):
+        processor = tiny_processor(tiny_model_dirs, "qwen2_vl")
+        examples = conversations()
+        reference = VisionChatCollator(processor)(examples)
+        collator = VisionChatCollator(processor)
+        monkeypatch.setattr(collator, "_mm_token_type_ids", lambda input_ids: numpy.zeros_like(input_ids))
+        assert_same_batch(first_batch_then(collator, examples), reference)
+        assert collator._own_mm_token_types is False
