@@ -102,13 +102,15 @@ def main(script_args, training_args, model_args):
     # Save: weights or adapter, processor files, generation config, resolved recipe
     ################
     trainer.save_model(training_args.output_dir)
-    trainer.save_state()  # trainer_state.json (log history) in output_dir, not only in checkpoints
-    if trainer.accelerator.is_main_process:
-        save_processor_files(training_args.output_dir, processor, trainer.model.generation_config)
-        save_resolved_recipe(resolved_recipe(script_args, training_args, model_args), training_args.output_dir)
-    # The last collective was saving: all processes close their process group together (see the docstring); what
-    # follows runs on the main process alone.
-    close_process_group(trainer)
+    try:
+        trainer.save_state()  # trainer_state.json (log history) in output_dir, not only in checkpoints
+        if trainer.accelerator.is_main_process:
+            save_processor_files(training_args.output_dir, processor, trainer.model.generation_config)
+            save_resolved_recipe(resolved_recipe(script_args, training_args, model_args), training_args.output_dir)
+    finally:
+        # The last collective was saving: all processes close their process group together, even when the main
+        # process failed to write the files above (see the docstring); what follows runs on the main process alone.
+        close_process_group(trainer)
 
     ################
     # Report

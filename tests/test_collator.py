@@ -483,9 +483,9 @@ def first_batch_then(collator, examples):
 
 
 def assert_same_batch(ours, reference):
-    assert sorted(ours) == sorted(reference)
+    assert list(ours) == list(reference)  # the same keys in the same order
     for key, value in reference.items():
-        assert torch.equal(ours[key], value), key
+        assert ours[key].dtype == value.dtype and torch.equal(ours[key], value), key
 
 
 class TestMmTokenTypeIds:
@@ -505,14 +505,38 @@ class TestMmTokenTypeIds:
         examples = conversations()
         reference = VisionChatCollator(processor)(examples)  # a first batch: the processor's own ids
         collator = VisionChatCollator(processor)
-        assert_same_batch(first_batch_then(collator, examples), reference)
+        collator([conversations()[0], conversations()[3]])
         returns_types = "mm_token_type_ids" in reference
         stock = type(processor).create_mm_token_type_ids is ProcessorMixin.create_mm_token_type_ids
         assert collator._own_mm_token_types is (returns_types and stock)
+        builds = []
+        original = type(processor).create_mm_token_type_ids
+
+        def counted(self, input_ids):
+            builds.append(len(input_ids))
+            return original(self, input_ids)
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(type(processor), "create_mm_token_type_ids", counted)
+            assert_same_batch(collator(examples), reference)
+        # The processor's row-by-row method runs no more once the collator builds the ids.
+        assert builds == ([] if collator._own_mm_token_types else [len(examples)] * returns_types)
         if collator._own_mm_token_types:
             image_positions = reference["input_ids"] == processor.image_token_id
             assert image_positions.any()
             assert torch.equal(reference["mm_token_type_ids"], image_positions.long())
+
+    def test_a_text_only_first_batch_decides_nothing(self, tiny_model_dirs):
+        """Without image tokens both ways give zeros only: the decision waits for a batch with images."""
+        processor = tiny_processor(tiny_model_dirs, "qwen2_vl")
+        collator = VisionChatCollator(processor)
+        text_only = [conversations()[2]] * 2
+        assert_same_batch(collator(text_only), VisionChatCollator(processor)(text_only))
+        assert collator._own_mm_token_types is None
+        examples = conversations()
+        assert_same_batch(collator(examples), VisionChatCollator(processor)(examples))
+        assert collator._own_mm_token_types is True
+        assert_same_batch(collator(text_only), VisionChatCollator(processor)(text_only))
 
     def test_a_disagreement_on_the_first_batch_keeps_the_processors_ids(self, tiny_model_dirs, monkeypatch):
         processor = tiny_processor(tiny_model_dirs, "qwen2_vl")

@@ -456,7 +456,11 @@ class VisionChatCollator:
         replacements = replacements or [[] for _ in rows]
         encoded = {key: _as_int_array(value) for key, value in encoded.items()}
         if self._own_mm_token_types:
-            encoded["mm_token_type_ids"] = self._mm_token_type_ids(encoded["input_ids"])
+            # Where the processor puts them: after the text's keys, before the images'.
+            items = list(encoded.items())
+            cut = next((i + 1 for i, (key, _) in enumerate(items) if key == "attention_mask"), len(items))
+            types = ("mm_token_type_ids", self._mm_token_type_ids(encoded["input_ids"]))
+            encoded = dict([*items[:cut], types, *items[cut:]])
         elif self._own_mm_token_types is None:
             self._own_mm_token_types = self._can_build_mm_token_types(encoded)
         return dict(BatchFeature(encoded, tensor_type="pt")), offsets, replacements
@@ -464,8 +468,8 @@ class VisionChatCollator:
     # Why: transformers (5.24) builds `mm_token_type_ids`, which M-RoPE models (the Qwen family) need, row by row
     # with `numpy.isin` on Python lists (`ProcessorMixin.create_mm_token_type_ids`): 8% of this collator's time on
     # the benchmark's Qwen2-VL batches. The same ids come from one comparison over the padded batch. Used only where
-    # the processor uses that stock method, and only after the first batch was built both ways and came out equal;
-    # otherwise the processor's own ids are kept.
+    # the processor uses that stock method, and only after a batch with image tokens was built both ways and came out
+    # equal (until then, and where they differ, the processor builds them).
     def _mm_token_type_ids(self, input_ids: numpy.ndarray) -> numpy.ndarray:
         """0 for text, 1 for image, 2 for video, 3 for audio tokens (as `ProcessorMixin.create_mm_token_type_ids`)."""
         types = numpy.zeros_like(input_ids)
@@ -475,14 +479,17 @@ class VisionChatCollator:
                 types[numpy.isin(input_ids, token_ids)] = value
         return types
 
-    def _can_build_mm_token_types(self, encoded: dict[str, Any]) -> bool:
-        """Whether later batches may ask for no `mm_token_type_ids` and get `_mm_token_type_ids` instead."""
+    def _can_build_mm_token_types(self, encoded: dict[str, Any]) -> bool | None:
+        """Whether later batches may ask for no `mm_token_type_ids` and get `_mm_token_type_ids` instead; None (ask
+        again) after a batch with no image tokens, where both ways give zeros only and the comparison proves nothing."""
         stock = getattr(type(self.processor), "create_mm_token_type_ids", None)
         if stock is not ProcessorMixin.create_mm_token_type_ids or "mm_token_type_ids" not in encoded:
             return False
         ids, theirs = encoded["input_ids"], encoded["mm_token_type_ids"]
         if not isinstance(ids, numpy.ndarray) or not isinstance(theirs, numpy.ndarray):
             return False
+        if not theirs.any():
+            return None
         return numpy.array_equal(self._mm_token_type_ids(ids), theirs)
 
     @staticmethod

@@ -144,7 +144,7 @@ def close_process_group(trainer) -> bool:
     every rank at the end of `main`). Here all ranks call it at one point, right after saving, so that what follows
     on the main process alone (reloading the output, evaluation by generation, which can take longer than the
     collective timeout) runs without a group that the others would have to wait in.
-    Returns whether there was a group to close; a single-process run has none.
+    Returns whether a group was closed; a single-process run has none.
     """
     import torch.distributed as dist
 
@@ -152,9 +152,11 @@ def close_process_group(trainer) -> bool:
         return False
     state = trainer.accelerator.state
     trainer.accelerator.wait_for_everyone()
-    state.destroy_process_group()
-    logger.info("Process %d of %d: process group closed.", state.process_index, state.num_processes)
-    return True
+    state.destroy_process_group()  # accelerate's: does nothing in a `notebook_launcher` run, which owns the group
+    closed = not dist.is_initialized()
+    if closed:
+        logger.info("Process %d of %d: process group closed.", state.process_index, state.num_processes)
+    return closed
 
 
 # --------------------------------------------------------------------------------------------------------------------
