@@ -51,6 +51,11 @@ def test_quick_run_writes_every_figure(tmp_path):
         for ours, trl in zip(training["runs"]["ours"], training["runs"]["trl"])
     ]
     assert training["paired_ratio_samples_per_second"]["per_repeat"] == pytest.approx(per_repeat)
+    best = {name: max(run["samples_per_second"] for run in training["runs"][name]) for name in training["runs"]}
+    assert training["ratio_best_samples_per_second"] == pytest.approx(best["ours"] / best["trl"])
+    assert training["ratio_best_samples_per_second_random_sampler"] == pytest.approx(
+        best["ours_random_sampler"] / best["trl"]
+    )
 
     padding = results["padding"]["recipes"]["shapes_qwen2vl"]
     assert padding["cheap_lengths_equal_collated"] is True
