@@ -225,7 +225,8 @@ class VisionChatCollator:
         self._end_of_turn_tokens = tuple(
             token for token in tokenizer.all_special_tokens if token and token not in image_tokens
         )
-        # Whether `_process` builds `mm_token_type_ids` itself (see `_mm_token_type_ids`); decided on the first batch.
+        # Whether `_process` builds `mm_token_type_ids` itself (see `_mm_token_type_ids`); None until a batch with
+        # image tokens has decided it.
         self._own_mm_token_types: bool | None = None
         # Rendered prompts (the messages before an assistant turn, with the generation cue), by what they render from.
         self._prompts: dict[tuple, str] = {}

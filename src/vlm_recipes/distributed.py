@@ -141,9 +141,9 @@ def close_process_group(trainer) -> bool:
     the backend's threads down in C++ static destruction, and there gloo sometimes aborts the process ("terminate
     called without an active exception", seen on a rank that had finished training and saving); NCCL's destroy is
     collective and may hang when the ranks do not call it together (pytorch/pytorch#122358 documents calling it on
-    every rank at the end of `main`). Here all ranks call it at one point, right after saving, so that what follows
-    on the main process alone (reloading the output, evaluation by generation, which can take longer than the
-    collective timeout) runs without a group that the others would have to wait in.
+    every rank at the end of `main`). Here all ranks call it at one point, right after saving; what follows on the
+    main process alone (reloading the output, evaluation by generation) needs no group, and no process tears a live
+    group down at exit while the main process is still working.
     Returns whether a group was closed; a single-process run has none.
     """
     import torch.distributed as dist
