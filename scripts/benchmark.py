@@ -422,8 +422,6 @@ def qwen_pixel_budget() -> dict[str, int]:
 def qwen2_vl_processor(workspace: Workspace, **kwargs):
     """The real Qwen2-VL processor when `REAL_PROCESSORS` holds it, else the tiny Qwen2-VL's, loaded with `kwargs`
     (a pixel budget) and given a pad token; returns it with a description for the report."""
-    from transformers import AutoProcessor
-
     real = REAL_PROCESSORS / "qwen2-vl"
     if (real / "tokenizer_config.json").is_file():
         path, name = real, f"real Qwen2-VL processor ({real})"
@@ -432,10 +430,17 @@ def qwen2_vl_processor(workspace: Workspace, **kwargs):
             workspace.tiny_model("qwen2_vl"),
             f"tiny Qwen2-VL processor (no real processor under {REAL_PROCESSORS})",
         )
+    return processor_with_pad_token(path, **kwargs), name
+
+
+def processor_with_pad_token(path, **kwargs):
+    """`AutoProcessor.from_pretrained(path, **kwargs)`, its tokenizer given a pad token (eos) if it has none."""
+    from transformers import AutoProcessor
+
     processor = AutoProcessor.from_pretrained(path, **kwargs)
     if processor.tokenizer.pad_token is None:
         processor.tokenizer.pad_token = processor.tokenizer.eos_token
-    return processor, name
+    return processor
 
 
 def benchmark_collators(workspace: Workspace, settings: Settings) -> dict[str, Any]:
@@ -926,24 +931,28 @@ def _current_rss() -> int:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _status_bytes(key: str) -> int:
-    """One size field of /proc/self/status (`VmHWM`, the peak resident set), in bytes."""
+def _status_sizes(*keys: str) -> dict[str, int]:
+    """Size fields of /proc/self/status (kB there), in bytes, for those of `keys` it has."""
+    sizes = {}
     with open("/proc/self/status", encoding="ascii") as handle:
         for line in handle:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {key}")
+            key, _, value = line.partition(":")
+            if key in keys:
+                sizes[key] = int(value.split()[0]) * 1024
+    return sizes
+
+
+def _status_bytes(key: str) -> int:
+    """One size field of /proc/self/status (`VmHWM`, the peak resident set), in bytes."""
+    sizes = _status_sizes(key)
+    if key not in sizes:
+        raise RuntimeError(f"/proc/self/status has no {key}")
+    return sizes[key]
 
 
 def _rss_parts() -> dict[str, int]:
     """Anonymous and file-backed resident bytes (`RssAnon`, `RssFile` of /proc/self/status)."""
-    parts = {}
-    with open("/proc/self/status", encoding="ascii") as handle:
-        for line in handle:
-            if line.startswith(("RssAnon:", "RssFile:")):
-                key, value = line.split(":", 1)
-                parts[key] = int(value.split()[0]) * 1024
-    return parts
+    return _status_sizes("RssAnon", "RssFile")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -1218,7 +1227,7 @@ def vision_worker(spec_path: str) -> None:
     import torch
     from peft import get_peft_model
     from PIL import Image
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoConfig, AutoModelForImageTextToText
 
     from vlm_recipes.collator import VisionChatCollator
     from vlm_recipes.configs import VLMModelConfig
@@ -1226,9 +1235,7 @@ def vision_worker(spec_path: str) -> None:
 
     spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
     if spec["tiny_model"]:
-        processor = AutoProcessor.from_pretrained(spec["tiny_model"])
-        if processor.tokenizer.pad_token is None:
-            processor.tokenizer.pad_token = processor.tokenizer.eos_token
+        processor = processor_with_pad_token(spec["tiny_model"])
         config, model_name = AutoConfig.from_pretrained(spec["tiny_model"]), "tiny Qwen2-VL"
     else:
         processor, _ = qwen2_vl_processor(Workspace(Path(spec_path).parent), **qwen_pixel_budget())

@@ -476,10 +476,10 @@ class TestExplain:
         assert LabelReason.PROMPT_CUE in reasons
 
 
-def first_batch_then(collator, examples):
-    """`collator` on a first, different batch (which decides how it builds `mm_token_type_ids`), then on `examples`."""
+def collate_a_first_batch(collator):
+    """`collator` on a first batch with images, other than `conversations()`: it decides how `mm_token_type_ids` are
+    built."""
     collator([conversations()[0], conversations()[3]])
-    return collator(examples)
 
 
 def assert_same_batch(ours, reference):
@@ -505,7 +505,7 @@ class TestMmTokenTypeIds:
         examples = conversations()
         reference = VisionChatCollator(processor)(examples)  # a first batch: the processor's own ids
         collator = VisionChatCollator(processor)
-        collator([conversations()[0], conversations()[3]])
+        collate_a_first_batch(collator)
         returns_types = "mm_token_type_ids" in reference
         stock = type(processor).create_mm_token_type_ids is ProcessorMixin.create_mm_token_type_ids
         assert collator._own_mm_token_types is (returns_types and stock)
@@ -544,5 +544,6 @@ class TestMmTokenTypeIds:
         reference = VisionChatCollator(processor)(examples)
         collator = VisionChatCollator(processor)
         monkeypatch.setattr(collator, "_mm_token_type_ids", lambda input_ids: numpy.zeros_like(input_ids))
-        assert_same_batch(first_batch_then(collator, examples), reference)
+        collate_a_first_batch(collator)
+        assert_same_batch(collator(examples), reference)
         assert collator._own_mm_token_types is False
