@@ -2,7 +2,7 @@
 
 Usage:
     python scripts/benchmark.py [--output benchmark.json] [--quick] [--parts 1,2,3,4] [--steps N] [--repeats R]
-    python scripts/benchmark.py --gpu [--output benchmark_gpu.json]      # adds part 5; needs a CUDA GPU
+    python scripts/benchmark.py --gpu [--output benchmark_gpu.json]      # adds parts 5 and 7; needs a CUDA GPU
 
 Prints a table and writes every figure, the settings, the machine and the target checks to `--output` (JSON,
 written atomically). Each comparison runs in this one process on identical data, in rotating order, and the ratio
@@ -38,6 +38,13 @@ of the two sides is taken per repeat; the targets use the median of those paired
    Qwen2-VL-2B's full vision tower and a one-layer language model on one 1280x720 screenshot at the recipe's pixel
    budget, each mode in a fresh process: seconds per step and resident memory above the start (CPU), or
    `max_memory_allocated` (CUDA).
+7. `--parts 7` (2-4 minutes on 2 cores; in the `--gpu` set): what a vision tower recorded by autograd (LoRA on the
+   tower, or no `detach_frozen_vision_inputs`) keeps for backward under bf16 autocast, with bf16 LoRA and with 4-bit
+   QLoRA loaded by bitsandbytes alone and by `load_model`, whose 4-bit linears return autocast's dtype
+   (`keep_4bit_outputs_in_autocast_dtype`). Qwen2-VL-2B's vision tower cut to 4 blocks, one 1280x720 screenshot at the
+   recipe's pixel budget: the dtype and size of each block's input (what checkpointing keeps) and every activation
+   saved for backward. CUDA's autocast runs `layer_norm` in float32; CPU's does not, so on a CPU that policy is
+   emulated. On CUDA it also reports the peak memory of the tower's forward and backward.
 
 Parts 1-4 run on CPU with one torch thread (`--threads`): on a small shared machine two threads contending with other
 processes make step times swing by up to 10x. On a CPU the figures are for tiny models: they compare the two paths' overheads (collation, sampling, padding), not
@@ -165,6 +172,9 @@ class Settings:
     vision_language_layers: int = 1
     vision_steps: int = 2
     vision_image_size: list[int] = field(default_factory=lambda: [720, 1280])  # height, width
+    # Part 7
+    autocast_vision_blocks: int = 4
+    autocast_image_size: list[int] = field(default_factory=lambda: [720, 1280])  # height, width
 
     def shrink(self) -> None:
         self.quick = True
@@ -185,6 +195,8 @@ class Settings:
         self.gpu_samples = 8
         self.vision_steps = 1
         self.vision_image_size = [56, 56]
+        self.autocast_vision_blocks = 2
+        self.autocast_image_size = [56, 56]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -978,6 +990,20 @@ def qwen2_vl_2b_config():
     return Qwen2VLConfig(**QWEN2_VL_2B_CONFIG), "built-in copy of Qwen2-VL-2B's config.json"
 
 
+def qwen2_vl_2b_config_cut(language_layers: int, vision_blocks: int | None = None):
+    """Qwen2-VL-2B's config with fewer language layers (and vision blocks): full width, for what scales per layer."""
+    full, _ = qwen2_vl_2b_config()
+    values = full.to_dict()
+    for section in (values, values["text_config"]):
+        if "num_hidden_layers" in section:
+            section["num_hidden_layers"] = language_layers
+        if section.get("layer_types"):
+            section["layer_types"] = section["layer_types"][:language_layers]
+    if vision_blocks is not None:
+        values["vision_config"]["depth"] = vision_blocks
+    return type(full)(**values)
+
+
 def align_config_to_processor(config, processor) -> None:
     """Special-token ids and vocabulary of `config` made to fit `processor`'s tokenizer (a tiny one, if need be)."""
     tokenizer = processor.tokenizer
@@ -1239,15 +1265,8 @@ def vision_worker(spec_path: str) -> None:
         config, model_name = AutoConfig.from_pretrained(spec["tiny_model"]), "tiny Qwen2-VL"
     else:
         processor, _ = qwen2_vl_processor(Workspace(Path(spec_path).parent), **qwen_pixel_budget())
-        full, _ = qwen2_vl_2b_config()
-        values = full.to_dict()
         layers = spec["language_layers"]
-        for section in (values, values["text_config"]):
-            if "num_hidden_layers" in section:
-                section["num_hidden_layers"] = layers
-            if section.get("layer_types"):
-                section["layer_types"] = section["layer_types"][:layers]
-        config = type(full)(**values)
+        config = qwen2_vl_2b_config_cut(layers)
         model_name = f"Qwen2-VL-2B's vision tower ({config.vision_config.depth} blocks) + {layers} language layer(s)"
     align_config_to_processor(config, processor)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -1305,6 +1324,166 @@ def vision_worker(spec_path: str) -> None:
         "peak_bytes_above_start": min(peaks),
     }
     print(VISION_MARKER + json.dumps(figures), flush=True)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Part 7: 4-bit linears under autocast
+# --------------------------------------------------------------------------------------------------------------------
+AUTOCAST_MODES = {
+    "bf16_lora": "bf16 LoRA",
+    "qlora_bitsandbytes": "QLoRA, bitsandbytes alone",
+    "qlora_ours": "QLoRA, load_model",
+}
+
+
+@contextlib.contextmanager
+def cuda_layer_norm_policy(device_type: str):
+    """On a CPU, give `layer_norm` CUDA's autocast policy: run and returned in float32 (PyTorch's autocast op reference
+    lists `layer_norm` among CUDA's float32 ops; CPU autocast keeps bfloat16). Yields whether it emulates; on CUDA
+    nothing is changed."""
+    import torch
+    import torch.nn.functional as F
+
+    if device_type == "cuda":
+        yield False
+        return
+    layer_norm = F.layer_norm
+
+    def float32_under_autocast(x, shape, weight=None, bias=None, eps=1e-5):
+        if not torch.is_autocast_enabled(x.device.type):
+            return layer_norm(x, shape, weight, bias, eps)
+        with torch.autocast(x.device.type, enabled=False):
+            return layer_norm(x.float(), shape, *[None if t is None else t.float() for t in (weight, bias)], eps)
+
+    F.layer_norm = float32_under_autocast  # `nn.LayerNorm` looks it up on each call
+    try:
+        yield True
+    finally:
+        F.layer_norm = layer_norm
+
+
+def _recorded_tower_figures(model, pixel_values, grid, device: str) -> dict[str, Any]:
+    """Part 7, one model: its vision tower's forward under bf16 autocast, recorded by autograd (see the docstring)."""
+    import torch
+
+    model.enable_input_require_grads()  # what TRL and the Trainer do; it hooks the tower's patch embedding too
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    owned = {tensor.untyped_storage().data_ptr() for tensor in [*model.parameters(), *model.buffers()]}
+    saved: dict[str, int] = {}
+    block_inputs: list[dict[str, Any]] = []
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() not in owned:  # activations, not the weights
+            key = str(tensor.dtype).removeprefix("torch.")
+            saved[key] = saved.get(key, 0) + tensor.numel() * tensor.element_size()
+        return tensor
+
+    def record(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        dtype = str(hidden.dtype).removeprefix("torch.")
+        block_inputs.append({"dtype": dtype, "bytes": hidden.numel() * hidden.element_size()})
+
+    visual = model.model.visual
+    for block in visual.blocks:
+        block.register_forward_pre_hook(record, with_kwargs=True)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+    with (
+        cuda_layer_norm_policy(device),
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor),
+        torch.autocast(device, dtype=torch.bfloat16),
+    ):
+        output = visual(pixel_values, grid_thw=grid)
+    output = getattr(output, "pooler_output", output)
+    figures: dict[str, Any] = {
+        "block_inputs": block_inputs,
+        "saved_bytes": sum(saved.values()),
+        "saved_bytes_by_dtype": saved,
+        "output_dtype": str(output.dtype).removeprefix("torch."),
+    }
+    if device == "cuda":  # the tower's forward and backward, as one step of a trainable tower has them
+        output.float().sum().backward()
+        torch.cuda.synchronize()
+        figures["peak_bytes_above_start"] = torch.cuda.max_memory_allocated() - start
+    return figures
+
+
+def benchmark_autocast_4bit(workspace: Workspace, settings: Settings) -> dict[str, Any]:
+    """Part 7: what a vision tower recorded by autograd keeps for backward under bf16 autocast, with bf16 LoRA and
+    with 4-bit QLoRA, loaded by bitsandbytes alone and by `load_model` (`keep_4bit_outputs_in_autocast_dtype`)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from vlm_recipes.configs import VLMModelConfig
+    from vlm_recipes.models import load_model, quantization_config_for
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    blocks = settings.autocast_vision_blocks
+    if settings.quick:  # the tiny Qwen2-VL with more than one block: float32 shows from the second block's input on
+        tiny = workspace.tiny_model("qwen2_vl")
+        processor, config = processor_with_pad_token(tiny), AutoConfig.from_pretrained(tiny)
+        config.vision_config.depth = blocks
+        model_name = f"tiny Qwen2-VL, {blocks} vision blocks"
+    else:
+        processor, _ = qwen2_vl_processor(workspace, **qwen_pixel_budget())
+        config = qwen2_vl_2b_config_cut(1, blocks)
+        align_config_to_processor(config, processor)
+        model_name = f"Qwen2-VL-2B's vision tower, {blocks} of its 32 blocks"
+    model_dir = workspace.root / "models" / f"qwen2_vl-autocast-{'tiny' if settings.quick else '2b'}-{blocks}-blocks"
+    if not (model_dir / "config.json").is_file():
+        torch.manual_seed(0)
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
+        model.save_pretrained(model_dir)
+        del model
+    pixels = np.random.default_rng(0).integers(0, 256, (*settings.autocast_image_size, 3), dtype=np.uint8)
+    image = processor.image_processor(images=[Image.fromarray(pixels)], return_tensors="pt")
+    pixel_values = image["pixel_values"].to(device, torch.bfloat16)
+    grid = image["image_grid_thw"].to(device)
+    results: dict[str, Any] = {}
+    for mode, label in AUTOCAST_MODES.items():
+        model_args = VLMModelConfig(
+            model_name_or_path=str(model_dir), dtype="bfloat16", use_peft=True, load_in_4bit=mode != "bf16_lora"
+        )
+        if mode == "qlora_bitsandbytes":
+            model = AutoModelForImageTextToText.from_pretrained(
+                model_dir,
+                dtype=torch.bfloat16,
+                quantization_config=quantization_config_for(model_args),
+                device_map={"": torch.cuda.current_device()} if device == "cuda" else None,
+            )
+        else:
+            model = load_model(model_args)
+        if mode == "bf16_lora":
+            model.to(device)
+        results[mode] = {"label": label, **_recorded_tower_figures(model, pixel_values, grid, device)}
+        print(f"[benchmark] part 7: {mode}: {json.dumps(results[mode])}", file=sys.stderr, flush=True)
+        del model
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    lora = results["bf16_lora"]["saved_bytes"]
+    return {
+        **results,
+        "model": model_name,
+        "device": device,
+        "layer_norm_policy": "CUDA's own" if device == "cuda" else "CUDA's (float32), emulated on CPU",
+        "vision_blocks": len(results["bf16_lora"]["block_inputs"]),
+        "image_patches": int(grid.prod(dim=-1).sum()),
+        "ratio_saved_qlora_bitsandbytes_to_lora": results["qlora_bitsandbytes"]["saved_bytes"] / lora,
+        "ratio_saved_qlora_ours_to_lora": results["qlora_ours"]["saved_bytes"] / lora,
+        "definitions": {
+            "saved_bytes": "activations autograd keeps for backward during the tower's forward under bf16 autocast "
+            "(torch.autograd.graph.saved_tensors_hooks, weights and buffers left out), with transformers' "
+            "enable_input_require_grads and non-reentrant gradient checkpointing, as a tower with LoRA on it or "
+            "before detach_frozen_vision_inputs has it",
+            "block_inputs": "the hidden states entering each vision block, in order: what checkpointing keeps per block",
+        },
+    }
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -1510,6 +1689,29 @@ def format_table(report: dict[str, Any]) -> str:
             "detached: speed-up; peak / recorded peak",
             f"{part['speedup_detached']:.2f}x; {part['ratio_peak_detached_to_recorded']:.2f}",
         )
+    if "autocast_4bit" in results:
+        part = results["autocast_4bit"]
+        lines.append(
+            f"7. 4-bit linears under bf16 autocast, vision tower recorded ({part['model']}, {part['image_patches']} "
+            f"patches, {part['device']}; layer_norm: {part['layer_norm_policy']})"
+        )
+        for mode, label in AUTOCAST_MODES.items():
+            figures = part[mode]
+            kinds = [(block["dtype"], block["bytes"]) for block in figures["block_inputs"]]
+            blocks = ", ".join(
+                f"{kinds.count(kind)} {kind[0]} {kind[1] / 2**20:.2f} MiB" for kind in dict.fromkeys(kinds)
+            )
+            by_dtype = ", ".join(
+                f"{dtype} {size / 2**20:.1f}" for dtype, size in figures["saved_bytes_by_dtype"].items()
+            )
+            row(
+                label,
+                f"block inputs: {blocks}; kept for backward {figures['saved_bytes'] / 2**20:.1f} MiB ({by_dtype})",
+            )
+        row(
+            "kept for backward, QLoRA / LoRA: bitsandbytes alone; load_model",
+            f"{part['ratio_saved_qlora_bitsandbytes_to_lora']:.2f}; {part['ratio_saved_qlora_ours_to_lora']:.2f}",
+        )
     lines.append("Targets")
     for name, check in report["targets"].items():
         verdict = "PASS" if check["passed"] else "FAIL"
@@ -1528,7 +1730,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
     parser.add_argument("--quick", action="store_true", help="Smallest sizes everywhere (for tests; noisy figures).")
     parser.add_argument("--gpu", action="store_true", help="Also run part 5 (full-size Qwen2-VL-2B) on CUDA.")
     parser.add_argument(
-        "--parts", default=None, help="Comma-separated parts to run (default 1,2,3,4; 5 with --gpu; 6 on request)."
+        "--parts",
+        default=None,
+        help="Comma-separated parts to run (default 1,2,3,4; 5 and 7 with --gpu; 6, 7 on request).",
     )
     parser.add_argument("--steps", type=int, default=None, help="Timed training steps of part 2.")
     parser.add_argument("--warmup", type=int, default=None, help="Untimed warm-up steps before them.")
@@ -1546,7 +1750,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
     if args.parts:
         settings.parts = sorted({int(part) for part in args.parts.split(",")})
     elif args.gpu:
-        settings.parts = [1, 2, 3, 4, 5]
+        settings.parts = [1, 2, 3, 4, 5, 7]
     if 5 in settings.parts and not args.gpu:
         parser.error("part 5 runs on a GPU: add --gpu")
     for key in ("steps", "warmup", "repeats", "collator_repeats", "peak_tflops", "threads"):
@@ -1573,6 +1777,7 @@ def main(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
         4: ("memory", benchmark_memory),
         5: ("full_size", benchmark_full_size),
         6: ("frozen_vision", benchmark_frozen_vision),
+        7: ("autocast_4bit", benchmark_autocast_4bit),
     }
     try:
         for number in settings.parts:

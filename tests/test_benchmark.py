@@ -1,22 +1,12 @@
 """`scripts/benchmark.py`: it runs with the smallest settings and writes a complete report; its FLOPs inputs and target
 checks are right. Timings are asserted positive only (they are figures, not tests)."""
 
-import importlib.util
 import json
-import sys
 
 import pytest
 import torch
 
-from conftest import REPO_ROOT, run_script
-
-
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("benchmark_script", REPO_ROOT / "scripts" / "benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["benchmark_script"] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_benchmark, run_script
 
 
 @pytest.mark.slow
@@ -99,6 +89,29 @@ def test_frozen_vision_part_runs_both_modes_in_fresh_processes(tmp_path):
         assert figures["peak_bytes_above_start"] > 0
     assert part["speedup_detached"] == pytest.approx(recorded["median_step_seconds"] / detached["median_step_seconds"])
     assert "6. Frozen vision tower" in result.stdout
+
+
+def test_autocast_part_shows_the_float32_tower_and_its_fix(tmp_path):
+    """Part 7 on the tiny Qwen2-VL (two vision blocks), CUDA's layer_norm policy emulated on CPU: bitsandbytes alone
+    hands float32 from the first block on; `load_model`'s 4-bit linears keep bf16, as bf16 LoRA does."""
+    benchmark = load_benchmark()
+    settings = benchmark.Settings()
+    settings.shrink()
+    report = benchmark.benchmark_autocast_4bit(benchmark.Workspace(tmp_path), settings)
+    assert report["layer_norm_policy"] == "CUDA's (float32), emulated on CPU"
+    assert report["vision_blocks"] == 2 and report["image_patches"] == 16
+    lora, alone, ours = report["bf16_lora"], report["qlora_bitsandbytes"], report["qlora_ours"]
+    size = lora["block_inputs"][0]["bytes"]
+    assert lora["block_inputs"] == ours["block_inputs"] == [{"dtype": "bfloat16", "bytes": size}] * 2
+    # the patch embedding's bf16 into the first block, float32 from its MLP on
+    assert alone["block_inputs"] == [{"dtype": "bfloat16", "bytes": size}, {"dtype": "float32", "bytes": 2 * size}]
+    assert (lora["output_dtype"], alone["output_dtype"], ours["output_dtype"]) == ("bfloat16", "float32", "bfloat16")
+    assert ours["saved_bytes"] < alone["saved_bytes"]
+    assert ours["saved_bytes_by_dtype"]["float32"] < alone["saved_bytes_by_dtype"]["float32"]
+    assert report["ratio_saved_qlora_ours_to_lora"] == ours["saved_bytes"] / lora["saved_bytes"]
+    assert "7. 4-bit linears under bf16 autocast" in benchmark.format_table(
+        {"results": {"autocast_4bit": report}, "targets": {}}
+    )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where there is no GPU")

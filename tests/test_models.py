@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from peft import get_peft_model
 from peft.tuners.lora import LoraLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
 from trl import SFTConfig
@@ -27,7 +28,9 @@ from vlm_recipes.models import (
     check_quantization_for_zero3,
     check_training_setup,
     deepspeed_zero_stage,
+    _float32_input_to_autocast_dtype,
     detach_frozen_vision_inputs,
+    keep_4bit_outputs_in_autocast_dtype,
     load_model,
     load_processor,
     lora_target_modules_for,
@@ -40,7 +43,7 @@ from vlm_recipes.models import (
 from vlm_recipes.tasks import get_task
 from vlm_recipes.tiny import TINY_FAMILIES
 
-from conftest import REPO_ROOT, run_script
+from conftest import REPO_ROOT, load_benchmark, run_script
 
 
 def registered(family_name):
@@ -58,7 +61,7 @@ FAMILY_PARAMS = [
 
 
 def model_config(model_dir, **overrides):
-    return VLMModelConfig(model_name_or_path=str(model_dir), dtype="float32", **overrides)
+    return VLMModelConfig(model_name_or_path=str(model_dir), **{"dtype": "float32", **overrides})
 
 
 def training_config(output_dir, **overrides):
@@ -275,6 +278,97 @@ class TestQuantisedLoading:
         assert model.is_loaded_in_8bit
         layer = model.model.language_model.layers[0].mlp.down_proj
         assert isinstance(layer, bnb.nn.Linear8bitLt) and layer.weight.dtype == torch.int8
+
+
+@pytest.fixture
+def cuda_layer_norm_policy():
+    """CUDA's autocast runs `layer_norm` in float32 (PyTorch's autocast op reference); CPU's keeps bfloat16. The
+    benchmark's emulation gives `nn.LayerNorm` CUDA's behaviour under CPU autocast."""
+    with load_benchmark().cuda_layer_norm_policy("cpu") as emulated:
+        assert emulated
+        yield
+
+
+def remove_autocast_hooks(model) -> int:
+    removed = 0
+    for module in model.modules():
+        for key, hook in list(module._forward_pre_hooks.items()):
+            if hook is _float32_input_to_autocast_dtype:
+                del module._forward_pre_hooks[key]
+                removed += 1
+    return removed
+
+
+class TestFourBitUnderAutocast:
+    """A 4-bit linear returns autocast's dtype, as `nn.Linear` does, not its input's (float32 after a LayerNorm)."""
+
+    def test_same_product_in_autocast_dtype(self, tiny_model_dirs):
+        import bitsandbytes as bnb
+
+        model = load_model(
+            model_config(tiny_model_dirs["qwen2_vl"], dtype="bfloat16", use_peft=True, load_in_4bit=True)
+        )
+        layers = [module for module in model.modules() if isinstance(module, bnb.nn.Linear4bit)]
+        assert layers and all(layer._vlm_recipes_autocast_hook for layer in layers)
+        layer = layers[0]
+        assert layer.compute_dtype == torch.bfloat16
+        x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(0))
+
+        def run(inputs):
+            inputs = inputs.clone().requires_grad_(True)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                output = layer(inputs)
+            output.float().sum().backward()
+            return output, inputs.grad
+
+        hooked, hooked_grad = run(x)
+        assert remove_autocast_hooks(model) == len(layers)
+        plain, plain_grad = run(x)
+        assert hooked.dtype == torch.bfloat16 and plain.dtype == torch.float32  # bitsandbytes alone: the input's dtype
+        assert torch.equal(hooked.float(), plain)  # the same bf16 product either way
+        assert torch.equal(hooked_grad, plain_grad)
+        keep_4bit_outputs_in_autocast_dtype(model)
+        assert layer(x).dtype == torch.float32  # outside autocast nothing changes
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert layer(x.bfloat16()).dtype == torch.bfloat16
+        assert keep_4bit_outputs_in_autocast_dtype(model) == 0  # hooked once
+
+    @pytest.mark.parametrize("family_name", ["qwen2_vl", "qwen3_vl", "smolvlm", "idefics2", "llava", "paligemma"])
+    def test_towers_after_a_layer_norm_stay_in_bf16(
+        self, family_name, tiny_model_dirs, train_dataset, cuda_layer_norm_policy
+    ):
+        """With CUDA's policy for `layer_norm`, the vision towers and projectors of these families ran their 4-bit
+        linears in float32 (and so their activations); loaded by `load_model`, every 4-bit linear returns bf16."""
+        import bitsandbytes as bnb
+
+        model_args = model_config(
+            tiny_model_dirs[family_name], dtype="bfloat16", use_peft=True, load_in_4bit=True, lora_vision=True
+        )
+        processor = load_processor(model_args)
+        model = load_model(model_args)
+        model = get_peft_model(model, peft_config_for(model, model_args))  # LoRA wrappers in the tower too
+        batch = VisionChatCollator(processor, max_length=512)([train_dataset[i] for i in range(2)])
+        family = family_of_model(model)
+        dtypes: dict[str, set] = {}
+
+        def record(name):
+            return lambda module, args, output: dtypes.setdefault(family.part_of(name), set()).add(output.dtype)
+
+        for name, module in model.named_modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                module.register_forward_hook(record(name))
+
+        def forward():
+            dtypes.clear()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(**batch).loss
+            assert torch.isfinite(loss)
+            return dtypes
+
+        assert forward() == {part: {torch.bfloat16} for part in ("vision", "projector", "language") if part in dtypes}
+        assert {"vision", "language"} <= dtypes.keys()
+        remove_autocast_hooks(model)
+        assert torch.float32 in set().union(*forward().values())  # what the hook prevents
 
 
 # --------------------------------------------------------------------------------------------------------------------

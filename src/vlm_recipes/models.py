@@ -303,6 +303,7 @@ def load_model(model_args: ModelConfig, training_args=None):
         # TRL casts the trainable (LoRA) weights of a quantised model to bfloat16, as the QLoRA paper does.
         logger.info("Loaded %s quantised: %s.", type(model).__name__, _quantization_summary(quantization_config))
         release_checkpoint_mapping(model)
+        keep_4bit_outputs_in_autocast_dtype(model)
     freeze_parts(model, model_args)
     return model
 
@@ -325,6 +326,43 @@ def release_checkpoint_mapping(model) -> None:
             # Meta and device tensors have no map behind them.
             if not isinstance(tensor, quantised) and tensor.device.type == "cpu":
                 tensor.data = tensor.data.clone()
+
+
+def keep_4bit_outputs_in_autocast_dtype(model) -> int:
+    """Make each bitsandbytes 4-bit linear of `model` return autocast's dtype, as `nn.Linear` does. Returns how many
+    layers it hooked.
+
+    Why ours: `bnb.nn.Linear4bit` casts its input to its compute dtype and its output back to the input's dtype, while
+    autocast makes `nn.Linear` return the autocast dtype whatever its input. CUDA's autocast runs `layer_norm` in
+    float32, so under bf16 mixed precision every 4-bit linear after an `nn.LayerNorm` returns float32, and the
+    float32 spreads along the residual stream: in QLoRA, Qwen2-VL's vision tower (and the CLIP and SigLIP towers)
+    ran in float32 from its first block on, with twice the activation memory of bf16 LoRA. The hook casts a float32
+    input to the autocast dtype before the layer when that is the layer's compute dtype: the layer would make the
+    same cast itself, so its product is unchanged, and only the output's dtype changes (to what `nn.Linear` gives).
+    Outside autocast nothing changes. PEFT's LoRA wrappers keep the hooked layer as their `base_layer`.
+    """
+    import bitsandbytes as bnb
+
+    hooked = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and not getattr(module, "_vlm_recipes_autocast_hook", False):
+            module.register_forward_pre_hook(_float32_input_to_autocast_dtype)
+            module._vlm_recipes_autocast_hook = True
+            hooked += 1
+    return hooked
+
+
+def _float32_input_to_autocast_dtype(module, args):
+    x = args[0] if args else None
+    if not torch.is_tensor(x) or x.dtype != torch.float32:
+        return None
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    dtype = torch.get_autocast_dtype(device_type)
+    if module.compute_dtype != dtype:
+        return None
+    return (x.to(dtype), *args[1:])
 
 
 def _quantization_summary(config) -> str:
