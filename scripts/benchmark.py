@@ -1366,6 +1366,8 @@ def _recorded_tower_figures(model, pixel_values, grid, device: str) -> dict[str,
     """Part 7, one model: its vision tower's forward under bf16 autocast, recorded by autograd (see the docstring)."""
     import torch
 
+    # Frozen weights, as under LoRA on the language model (the recipe's): only what the input gradient needs is kept.
+    model.requires_grad_(False)
     model.enable_input_require_grads()  # what TRL and the Trainer do; it hooks the tower's patch embedding too
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -1399,7 +1401,7 @@ def _recorded_tower_figures(model, pixel_values, grid, device: str) -> dict[str,
         output = visual(pixel_values, grid_thw=grid)
     output = getattr(output, "pooler_output", output)
     figures: dict[str, Any] = {
-        "block_inputs": block_inputs,
+        "block_inputs": list(block_inputs),  # before a backward whose recomputation could call the blocks again
         "saved_bytes": sum(saved.values()),
         "saved_bytes_by_dtype": saved,
         "output_dtype": str(output.dtype).removeprefix("torch."),
@@ -1478,9 +1480,9 @@ def benchmark_autocast_4bit(workspace: Workspace, settings: Settings) -> dict[st
         "ratio_saved_qlora_ours_to_lora": results["qlora_ours"]["saved_bytes"] / lora,
         "definitions": {
             "saved_bytes": "activations autograd keeps for backward during the tower's forward under bf16 autocast "
-            "(torch.autograd.graph.saved_tensors_hooks, weights and buffers left out), with transformers' "
-            "enable_input_require_grads and non-reentrant gradient checkpointing, as a tower with LoRA on it or "
-            "before detach_frozen_vision_inputs has it",
+            "(torch.autograd.graph.saved_tensors_hooks, weights and buffers left out), every weight frozen, with "
+            "transformers' enable_input_require_grads and non-reentrant gradient checkpointing: a frozen tower "
+            "recorded by autograd, as before detach_frozen_vision_inputs (LoRA on the tower keeps this and more)",
             "block_inputs": "the hidden states entering each vision block, in order: what checkpointing keeps per block",
         },
     }

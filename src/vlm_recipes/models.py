@@ -335,21 +335,28 @@ def keep_4bit_outputs_in_autocast_dtype(model) -> int:
     Why ours: `bnb.nn.Linear4bit` casts its input to its compute dtype and its output back to the input's dtype, while
     autocast makes `nn.Linear` return the autocast dtype whatever its input. CUDA's autocast runs `layer_norm` in
     float32, so under bf16 mixed precision every 4-bit linear after an `nn.LayerNorm` returns float32, and the
-    float32 spreads along the residual stream: in QLoRA, Qwen2-VL's vision tower (and the CLIP and SigLIP towers)
-    ran in float32 from its first block on, with twice the activation memory of bf16 LoRA. The hook casts a float32
-    input to the autocast dtype before the layer when that is the layer's compute dtype: the layer would make the
-    same cast itself, so its product is unchanged, and only the output's dtype changes (to what `nn.Linear` gives).
-    Outside autocast nothing changes. PEFT's LoRA wrappers keep the hooked layer as their `base_layer`.
+    float32 spreads along the residual stream: in QLoRA, Qwen2-VL's vision tower (and the CLIP, SigLIP and DaViT
+    towers, and Florence-2's language model) ran in float32 from its first block on, with twice the activation memory
+    of bf16 LoRA. The hook casts a float32 input to the autocast dtype before the layer when that is the layer's
+    compute dtype: the layer would make the same cast itself, so its product is unchanged and its output stays in the
+    autocast dtype, as `nn.Linear`'s does. What follows the layer (residual additions, the next norm's input) then
+    runs in bf16 as with bf16 LoRA, so QLoRA's numerics change there. Outside autocast nothing changes. PEFT's LoRA wrappers keep the hooked layer as their
+    `base_layer`. Not for 8-bit: `Linear8bitLt` computes in float16 and returns its input's dtype too, but a cast to
+    the autocast dtype (bf16) before it would change its product.
     """
     import bitsandbytes as bnb
 
     hooked = 0
     for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit) and not getattr(module, "_vlm_recipes_autocast_hook", False):
+        if isinstance(module, bnb.nn.Linear4bit) and not has_4bit_autocast_hook(module):
             module.register_forward_pre_hook(_float32_input_to_autocast_dtype)
-            module._vlm_recipes_autocast_hook = True
             hooked += 1
     return hooked
+
+
+def has_4bit_autocast_hook(module) -> bool:
+    """Whether `keep_4bit_outputs_in_autocast_dtype` hooked this layer."""
+    return any(hook is _float32_input_to_autocast_dtype for hook in module._forward_pre_hooks.values())
 
 
 def _float32_input_to_autocast_dtype(module, args):
@@ -357,7 +364,10 @@ def _float32_input_to_autocast_dtype(module, args):
     if not torch.is_tensor(x) or x.dtype != torch.float32:
         return None
     device_type = x.device.type
-    if not torch.is_autocast_enabled(device_type):
+    try:
+        if not torch.is_autocast_enabled(device_type):
+            return None
+    except RuntimeError:  # a device type autocast does not know (meta): no autocast there
         return None
     dtype = torch.get_autocast_dtype(device_type)
     if module.compute_dtype != dtype:
