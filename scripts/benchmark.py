@@ -1483,7 +1483,8 @@ def benchmark_autocast_4bit(workspace: Workspace, settings: Settings) -> dict[st
             "(torch.autograd.graph.saved_tensors_hooks, weights and buffers left out), every weight frozen, with "
             "transformers' enable_input_require_grads and non-reentrant gradient checkpointing: a frozen tower "
             "recorded by autograd, as before detach_frozen_vision_inputs (LoRA on the tower keeps this and more)",
-            "block_inputs": "the hidden states entering each vision block, in order: what checkpointing keeps per block",
+            "block_inputs": "the hidden states entering each vision block, in order: what checkpointing keeps per "
+            "block",
         },
     }
 

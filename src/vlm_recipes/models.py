@@ -340,9 +340,9 @@ def keep_4bit_outputs_in_autocast_dtype(model) -> int:
     of bf16 LoRA. The hook casts a float32 input to the autocast dtype before the layer when that is the layer's
     compute dtype: the layer would make the same cast itself, so its product is unchanged and its output stays in the
     autocast dtype, as `nn.Linear`'s does. What follows the layer (residual additions, the next norm's input) then
-    runs in bf16 as with bf16 LoRA, so QLoRA's numerics change there. Outside autocast nothing changes. PEFT's LoRA wrappers keep the hooked layer as their
-    `base_layer`. Not for 8-bit: `Linear8bitLt` computes in float16 and returns its input's dtype too, but a cast to
-    the autocast dtype (bf16) before it would change its product.
+    runs in bf16 as with bf16 LoRA, so QLoRA's numerics change there. Outside autocast nothing changes. PEFT's LoRA
+    wrappers keep the hooked layer as their `base_layer`. Not for 8-bit: `Linear8bitLt` computes in float16 and
+    returns its input's dtype too, but a cast to the autocast dtype (bf16) before it would change its product.
     """
     import bitsandbytes as bnb
 
