@@ -217,6 +217,33 @@ class Workspace:
             build_tiny_model(family, path)
         return path
 
+    def random_model(self, name: str, config, processor=None, device: str = "cpu", generation_config=None) -> Path:
+        """A random-weight bf16 model of `config` (seed 0), with `processor`'s files and pad token and, if given,
+        `generation_config`, saved once under `models/name`. It is built in a scratch directory and renamed into
+        place, so an interrupted build is never taken for a finished one by the next run with the same `--workdir`."""
+        import torch
+        from transformers import AutoModelForImageTextToText
+
+        path = self.root / "models" / name
+        if (path / "config.json").is_file():
+            return path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=path.parent))
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
+        if generation_config is not None:
+            model.generation_config = copy.deepcopy(generation_config)
+        if processor is not None:
+            model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+            processor.save_pretrained(scratch)
+        model.save_pretrained(scratch)
+        del model
+        gc.collect()
+        shutil.rmtree(path, ignore_errors=True)  # what an interrupted build before this one left
+        scratch.rename(path)
+        return path
+
     def recipe(self, name: str) -> dict[str, Any]:
         import yaml
 
@@ -748,13 +775,12 @@ def benchmark_padding(workspace: Workspace, settings: Settings) -> dict[str, Any
 # --------------------------------------------------------------------------------------------------------------------
 def build_medium_model(workspace: Workspace, settings: Settings) -> Path:
     """A random Qwen2-VL with a language model of a few hundred MB, the tiny model's processor, saved in bf16."""
-    import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor, Qwen2VLConfig
+    from transformers import AutoProcessor, GenerationConfig, Qwen2VLConfig
 
     size = (settings.memory_hidden_size, settings.memory_intermediate_size, settings.memory_layers)
-    path = workspace.root / "models" / "qwen2_vl-{}x{}x{}".format(*size)
-    if (path / "config.json").is_file():
-        return path
+    name = "qwen2_vl-{}x{}x{}".format(*size)
+    if (workspace.root / "models" / name / "config.json").is_file():
+        return workspace.root / "models" / name
     tiny = workspace.tiny_model("qwen2_vl")
     processor = AutoProcessor.from_pretrained(tiny)
     tiny_config = json.loads((tiny / "config.json").read_text(encoding="utf-8"))
@@ -773,14 +799,8 @@ def build_medium_model(workspace: Workspace, settings: Settings) -> Path:
     vision_config = {**tiny_config["vision_config"], "hidden_size": hidden}
     token_ids = {key: value for key, value in tiny_config.items() if key.endswith("_token_id")}
     config = Qwen2VLConfig(text_config=text_config, vision_config=vision_config, **token_ids)
-    torch.manual_seed(0)
-    model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
-    model.generation_config = copy.deepcopy(AutoModelForImageTextToText.from_pretrained(tiny).generation_config)
-    scratch = Path(tempfile.mkdtemp(prefix=".medium.", dir=path.parent))
-    model.save_pretrained(scratch)
-    processor.save_pretrained(scratch)
-    scratch.rename(path)
-    return path
+    generation_config = GenerationConfig.from_pretrained(tiny)
+    return workspace.random_model(name, config, processor=processor, generation_config=generation_config)
 
 
 # glibc's allocator in the memory workers: blocks of 1 MiB and more are mapped and unmapped on their own, so that the
@@ -1103,7 +1123,6 @@ def benchmark_full_size(workspace: Workspace, settings: Settings, device: str = 
     """
     import torch
     import yaml
-    from transformers import AutoModelForImageTextToText
 
     from vlm_recipes.configs import parse_recipe
 
@@ -1116,16 +1135,8 @@ def benchmark_full_size(workspace: Workspace, settings: Settings, device: str = 
     config, config_source = qwen2_vl_2b_config() if config is None else (config, "given")
     align_config_to_processor(config, processor)
     counts = parameter_counts(config)
-    model_dir = workspace.root / "models" / f"qwen2_vl-random-{device}"
-    if not (model_dir / "config.json").is_file():
-        torch.manual_seed(0)
-        with torch.device(device):  # initialised where it trains: seconds on a GPU, no host copy
-            model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
-        model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
-        model.save_pretrained(model_dir)
-        processor.save_pretrained(model_dir)
-        del model
-        gc.collect()
+    # Initialised where it trains: seconds on a GPU, no host copy.
+    model_dir = workspace.random_model(f"qwen2_vl-random-{device}", config, processor=processor, device=device)
     height, width = settings.gpu_image_size
     data_dir = write_synthetic_screens(workspace.root / "data" / "screens", settings.gpu_samples, height, width)
     device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
@@ -1436,12 +1447,9 @@ def benchmark_autocast_4bit(workspace: Workspace, settings: Settings) -> dict[st
         config = qwen2_vl_2b_config_cut(1, blocks)
         align_config_to_processor(config, processor)
         model_name = f"Qwen2-VL-2B's vision tower, {blocks} of its 32 blocks"
-    model_dir = workspace.root / "models" / f"qwen2_vl-autocast-{'tiny' if settings.quick else '2b'}-{blocks}-blocks"
-    if not (model_dir / "config.json").is_file():
-        torch.manual_seed(0)
-        model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
-        model.save_pretrained(model_dir)
-        del model
+    model_dir = workspace.random_model(
+        f"qwen2_vl-autocast-{'tiny' if settings.quick else '2b'}-{blocks}-blocks", config
+    )
     pixels = np.random.default_rng(0).integers(0, 256, (*settings.autocast_image_size, 3), dtype=np.uint8)
     image = processor.image_processor(images=[Image.fromarray(pixels)], return_tensors="pt")
     pixel_values = image["pixel_values"].to(device, torch.bfloat16)
