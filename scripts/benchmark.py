@@ -5,8 +5,9 @@ Usage:
     python scripts/benchmark.py --gpu [--output benchmark_gpu.json]      # adds parts 5 and 7; needs a CUDA GPU
 
 Prints a table and writes every figure, the settings, the machine and the target checks to `--output` (JSON,
-written atomically). Each comparison runs in this one process on identical data, in rotating order, and the ratio
-of the two sides is taken per repeat; the targets use the median of those paired ratios.
+written atomically). Each comparison runs in this one process on identical data, the sides alternating (part 1 batch
+by batch, part 2 step by step) in rotating order, and the ratio of the two sides is taken per repeat; the targets use
+the median of those paired ratios.
 
 1. Collator throughput (examples/s): `VisionChatCollator` vs TRL's `DataCollatorForVisionLanguageModeling` on the same
    decoded demo examples (shapes, chess, UI screenshots), with the real Qwen2-VL processor at the Qwen2-VL recipes'
@@ -15,7 +16,9 @@ of the two sides is taken per repeat; the targets use the median of those paired
 2. Training throughput (samples/s, non-padding tokens/s) over `--steps` steps after `--warmup` steps: `scripts/sft.py`'s
    path (cheap lengths, `too_long` up front, length-grouped sampler, `VisionChatCollator`) vs a stock TRL `SFTTrainer`
    given `images` + `messages` and no collator (TRL's default VLM path), and ours with the random sampler (the
-   equal-settings comparison). Same tiny Qwen2-VL, shapes demo data, batch size and steps.
+   equal-settings comparison). Same tiny Qwen2-VL, shapes demo data, batch size and steps. The three runs of a repeat
+   take turns step by step, each in a thread of this process with only one running at a time (`take_turns`), so a
+   change in the machine's load hits them alike; each run's time is the sum of its own steps.
 3. Padding fraction and supervised-token fraction of the batches of one epoch of each demo recipe's data, with the
    random sampler and with length grouping (`train_sampling_strategy: group_by_length`), from the real collated
    batches; the cheap lengths are checked against them.
@@ -68,6 +71,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -300,11 +304,13 @@ def _task_option_names(task) -> list[str]:
 class StepRecorder:
     """Wall time at the end of each optimizer step, and what each micro-batch held (counted in `training_step`)."""
 
-    def __init__(self, trainer, vision_patches: bool = False):
+    def __init__(self, trainer, vision_patches: bool = False, hand_over=None):
         from transformers import TrainerCallback
 
         recorder = self
         self.step_ends: list[float] = []
+        # When each step's thread got the turn back (`TakingTurns`); without turns, right after the step's end.
+        self.resumed: list[float] = []
         self.batches: list[dict[str, int]] = []
         self.args = trainer.args
         self.synchronize = trainer.args.device.type == "cuda"
@@ -323,6 +329,9 @@ class StepRecorder:
 
                     torch.cuda.synchronize()
                 recorder.step_ends.append(time.perf_counter())
+                if hand_over is not None:
+                    hand_over()
+                recorder.resumed.append(time.perf_counter())
 
         trainer.add_callback(_Callback())
         original_training_step = trainer.training_step
@@ -341,7 +350,9 @@ class StepRecorder:
         """Samples/s, tokens/s and padding of the steps after `warmup` (one micro-batch per step)."""
         if len(self.step_ends) <= warmup or warmup < 1:
             raise RuntimeError(f"Need more than {warmup} recorded steps (warm-up >= 1), got {len(self.step_ends)}.")
-        elapsed = self.step_ends[-1] - self.step_ends[warmup - 1]
+        # A step's time runs from when its thread resumed after the step before to the step's end: the batch's loading
+        # and collation, forward, backward and optimizer step, and the trainer's work between steps.
+        elapsed = sum(self.step_ends[i] - self.resumed[i - 1] for i in range(warmup, len(self.step_ends)))
         timed = self.batches[warmup : len(self.step_ends)]
         totals = {key: sum(batch.get(key, 0) for batch in timed) for key in ("samples", "tokens", "positions")}
         rates = {
@@ -384,8 +395,71 @@ def instrument_trainers(main, on_init) -> None:
             namespace[name] = Instrumented
 
 
-def _record_steps(recorders: list[StepRecorder], trainer, vision_patches: bool = False) -> None:
-    recorders.append(StepRecorder(trainer, vision_patches=vision_patches))
+def _record_steps(recorders: list[StepRecorder], trainer, vision_patches: bool = False, hand_over=None) -> None:
+    recorders.append(StepRecorder(trainer, vision_patches=vision_patches, hand_over=hand_over))
+
+
+class TakingTurns:
+    """Threads that run one at a time, in a fixed rotation: the holder of the turn runs, the others wait.
+
+    Part 2 times training paths against each other on a shared machine whose load changes from one second to the
+    next. Timed one after the other, a run that falls in a slow spell is compared with one that does not: single runs
+    of the same path differ by up to 40%, in a fast and a slow mode. Taking turns at every optimizer step puts the
+    paths' steps in the same spells, and since only one thread runs at a time, they never compete for the cores
+    (dataloader worker processes, where a path has them, still fill their prefetch queues while it waits; on 2 cores
+    there are none).
+    """
+
+    def __init__(self, names: list[str]):
+        self._condition = threading.Condition()
+        self._active = list(names)
+        self._current = self._active[0] if self._active else None
+
+    def wait(self, name: str) -> None:
+        with self._condition:
+            self._condition.wait_for(lambda: self._current == name)
+
+    def hand_over(self, name: str) -> None:
+        """Give the turn to the next thread in the rotation, and wait until it comes back."""
+        with self._condition:
+            self._current = self._active[(self._active.index(name) + 1) % len(self._active)]
+            self._condition.notify_all()
+            self._condition.wait_for(lambda: self._current == name)
+
+    def leave(self, name: str) -> None:
+        with self._condition:
+            position = self._active.index(name)
+            self._active.remove(name)
+            if self._current == name:
+                self._current = self._active[position % len(self._active)] if self._active else None
+            self._condition.notify_all()
+
+
+def take_turns(functions: dict[str, Any]) -> dict[str, Any]:
+    """Run each `function(hand_over)` in its own thread, taking turns (`TakingTurns`) in the order given: a function
+    runs until it calls `hand_over()`, and runs on when its turn comes back. Returns each function's result; the
+    first error raised in any of them is raised here, after every thread has ended."""
+    turns = TakingTurns(list(functions))
+    results: dict[str, Any] = {}
+    errors: list[BaseException] = []
+
+    def run(name: str, function) -> None:
+        try:
+            turns.wait(name)
+            results[name] = function(partial(turns.hand_over, name))
+        except BaseException as error:  # noqa: BLE001 (raised again in the calling thread, below)
+            errors.append(error)
+        finally:
+            turns.leave(name)
+
+    threads = [threading.Thread(target=run, args=item, name=f"turn-{item[0]}") for item in functions.items()]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return results
 
 
 @contextlib.contextmanager
@@ -407,9 +481,9 @@ def median(values: list[float]) -> float:
 def paired_ratios(ours: list[float], theirs: list[float]) -> dict[str, Any]:
     """Per-repeat ratios of two figures timed side by side in each repeat, with their median and range.
 
-    Each repeat times both paths back to back, so a change in the machine's load between repeats hits both alike:
-    the median of the paired ratios is much less sensitive to it than the ratio of the two medians (on this 2-core
-    shared machine, part 2's medians have moved by 20% between repeats)."""
+    Each repeat times both paths together (alternating batches or steps), so a change in the machine's load hits
+    both alike: the median of the paired ratios is much less sensitive to it than the ratio of the two medians (on
+    this 2-core shared machine, part 2's medians have moved by 20% between repeats)."""
     ratios = [a / b for a, b in zip(ours, theirs, strict=True)]
     return {
         "median": median(ratios),
@@ -572,24 +646,24 @@ def _shared_overrides(settings: Settings) -> dict[str, Any]:
     }
 
 
-def _train_ours(workspace: Workspace, settings: Settings, sampling: str) -> dict[str, float]:
+def _train_ours(workspace: Workspace, settings: Settings, sampling: str, hand_over=None) -> dict[str, float]:
     """`scripts/sft.py`'s own `main`, run in this process on the shapes demo recipe: whatever its path does (cheap
     lengths, `too_long` up front, length-grouped sampler, `VisionChatCollator`, its trainer class) is what is timed.
     The trainer class it uses is wrapped, in its namespace only, to attach the step recorder."""
     overrides = _shared_overrides(settings)
+    overrides["output_dir"] = workspace.root / "outputs" / f"training-ours-{sampling}"
     if sampling != "default":
         overrides["train_sampling_strategy"] = sampling
     recorders: list[StepRecorder] = []
     main = sft_main()
-    instrument_trainers(main, partial(_record_steps, recorders))
-    with contextlib.redirect_stdout(io.StringIO()):
-        main(*workspace.recipe_args("shapes_qwen2vl", overrides))
+    instrument_trainers(main, partial(_record_steps, recorders, hand_over=hand_over))
+    main(*workspace.recipe_args("shapes_qwen2vl", overrides))
     if len(recorders) != 1:
         raise RuntimeError(f"Expected scripts/sft.py to build one trainer, saw {len(recorders)}.")
     return {**recorders[0].rates(settings.warmup), **_loading(recorders[0].args)}
 
 
-def _train_stock_trl(workspace: Workspace, settings: Settings) -> dict[str, float]:
+def _train_stock_trl(workspace: Workspace, settings: Settings, hand_over=None) -> dict[str, float]:
     """A stock TRL `SFTTrainer`: a dataset of `images` + `messages`, no collator, TRL's defaults otherwise."""
     import datasets
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -600,7 +674,8 @@ def _train_stock_trl(workspace: Workspace, settings: Settings) -> dict[str, floa
     from vlm_recipes.lengths import apply_data_loading_defaults
     from vlm_recipes.tasks import task_from_args
 
-    script_args, training_args, model_args = workspace.recipe_args("shapes_qwen2vl", _shared_overrides(settings))
+    overrides = _shared_overrides(settings) | {"output_dir": workspace.root / "outputs" / "training-trl"}
+    script_args, training_args, model_args = workspace.recipe_args("shapes_qwen2vl", overrides)
     # Equal settings: the data loading (workers, pinned memory) that scripts/sft.py's path gets on this machine; the
     # sampler stays TRL's own.
     apply_data_loading_defaults(training_args, getattr(script_args, "keys_set", None))
@@ -630,9 +705,8 @@ def _train_stock_trl(workspace: Workspace, settings: Settings) -> dict[str, floa
     processor = AutoProcessor.from_pretrained(model_args.model_name_or_path)
     model = AutoModelForImageTextToText.from_pretrained(model_args.model_name_or_path, dtype=model_args.dtype)
     trainer = SFTTrainer(model=model, args=stock_args, train_dataset=dataset, processing_class=processor)
-    recorder = StepRecorder(trainer)
-    with contextlib.redirect_stdout(io.StringIO()):
-        trainer.train()
+    recorder = StepRecorder(trainer, hand_over=hand_over)
+    trainer.train()
     return {**recorder.rates(settings.warmup), **_loading(trainer.args)}
 
 
@@ -647,18 +721,21 @@ def _loading(args) -> dict[str, Any]:
 
 def benchmark_training(workspace: Workspace, settings: Settings) -> dict[str, Any]:
     paths = {
-        "ours": lambda: _train_ours(workspace, settings, "default"),
-        "trl": lambda: _train_stock_trl(workspace, settings),
-        "ours_random_sampler": lambda: _train_ours(workspace, settings, "random"),
+        "ours": partial(_train_ours, workspace, settings, "default"),
+        "trl": partial(_train_stock_trl, workspace, settings),
+        "ours_random_sampler": partial(_train_ours, workspace, settings, "random"),
     }
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in paths}
     names = list(paths)
     for repeat in range(settings.repeats):
-        # A rotating order, so that whatever running first or last does (warm caches, the previous run's garbage)
-        # falls on every path alike.
-        for name in names[repeat % len(names) :] + names[: repeat % len(names)]:
-            runs[name].append(paths[name]())
-            gc.collect()
+        # The three runs of a repeat take turns step by step (`take_turns`), so the machine's load changes hit them
+        # alike. Which path goes first rotates, so that whatever going first does falls on every path alike.
+        order = names[repeat % len(names) :] + names[: repeat % len(names)]
+        with contextlib.redirect_stdout(io.StringIO()):  # once for all threads: sys.stdout is the process's
+            results = take_turns({name: paths[name] for name in order})
+        for name in names:
+            runs[name].append(results[name])
+        gc.collect()
 
     def rates(results: list[dict[str, float]]) -> list[float]:
         return [run["samples_per_second"] for run in results]
@@ -1549,7 +1626,7 @@ def target_checks(results: dict[str, Any]) -> dict[str, Any]:
     if "training" in results:
         checks["training_throughput_at_least_trl"] = _ratio_check(
             results["training"]["paired_ratio_samples_per_second"],
-            "median over repeats of ours / TRL samples/s, run back to back in each repeat",
+            "median over repeats of ours / TRL samples/s, taking turns step by step in each repeat",
         )
     if "padding" in results:
         value = results["padding"]["max_padding_fraction_grouped"]

@@ -2,6 +2,8 @@
 checks are right. Timings are asserted positive only (they are figures, not tests)."""
 
 import json
+import threading
+import time
 
 import pytest
 import torch
@@ -148,6 +150,64 @@ def test_full_size_path_runs_on_cpu_with_a_small_config(tmp_path, tiny_model_dir
         )
         assert figures["model_flops_per_second"] == pytest.approx(expected)
     assert report["lora"]["2"]["tokens_per_sample"] == pytest.approx(report["qlora"]["2"]["tokens_per_sample"])
+
+
+class TestTakingTurns:
+    def test_threads_run_one_at_a_time_in_rotation(self):
+        benchmark = load_benchmark()
+        log, running, most_running = [], [0], [0]
+        lock = threading.Lock()
+
+        def path(name, steps):
+            def run(hand_over):
+                for step in range(steps):
+                    with lock:
+                        running[0] += 1
+                        most_running[0] = max(most_running[0], running[0])
+                    log.append((name, step))
+                    time.sleep(0.002)  # room for another thread to run, were it not waiting
+                    with lock:
+                        running[0] -= 1
+                    hand_over()
+                return f"{name} done"
+
+            return run
+
+        results = benchmark.take_turns({"a": path("a", 3), "b": path("b", 1), "c": path("c", 2)})
+        assert results == {"a": "a done", "b": "b done", "c": "c done"}
+        assert most_running[0] == 1
+        # In the order given; b leaves after its one step, and the others go on taking turns.
+        assert log == [("a", 0), ("b", 0), ("c", 0), ("a", 1), ("c", 1), ("a", 2)]
+
+    def test_an_error_is_raised_after_the_others_finish(self):
+        benchmark = load_benchmark()
+        finished = []
+
+        def failing(hand_over):
+            hand_over()
+            raise ValueError("broken path")
+
+        def working(hand_over):
+            for _ in range(3):
+                hand_over()
+            finished.append("working")
+
+        with pytest.raises(ValueError, match="broken path"):
+            benchmark.take_turns({"failing": failing, "working": working})
+        assert finished == ["working"]
+
+    def test_step_time_is_each_path_s_own(self):
+        benchmark = load_benchmark()
+        recorder = benchmark.StepRecorder.__new__(benchmark.StepRecorder)
+        # Steps end at 1, 3, 6 and 10 s; the path got its turn back at 2, 4 and 8 s (others ran in between).
+        recorder.step_ends = [1.0, 3.0, 6.0, 10.0]
+        recorder.resumed = [2.0, 4.0, 8.0, 10.5]
+        recorder.batches = [{"samples": 8, "tokens": 100, "positions": 120} for _ in range(4)]
+        rates = recorder.rates(warmup=1)
+        # Timed steps 2-4: (3 - 2) + (6 - 4) + (10 - 8) = 5 s of its own, for 24 samples.
+        assert rates["seconds"] == pytest.approx(5.0)
+        assert rates["samples_per_second"] == pytest.approx(24 / 5)
+        assert rates["padding_fraction"] == pytest.approx(1 - 300 / 360)
 
 
 class TestFigures:
