@@ -61,6 +61,7 @@ import contextlib
 import copy
 import gc
 import io
+import itertools
 import json
 import math
 import os
@@ -311,6 +312,7 @@ class StepRecorder:
         self.step_ends: list[float] = []
         # When each step's thread got the turn back (`TakingTurns`); without turns, right after the step's end.
         self.resumed: list[float] = []
+        self.hand_overs = 0
         self.batches: list[dict[str, int]] = []
         self.args = trainer.args
         self.synchronize = trainer.args.device.type == "cuda"
@@ -330,6 +332,7 @@ class StepRecorder:
                     torch.cuda.synchronize()
                 recorder.step_ends.append(time.perf_counter())
                 if hand_over is not None:
+                    recorder.hand_overs += 1
                     hand_over()
                 recorder.resumed.append(time.perf_counter())
 
@@ -357,6 +360,7 @@ class StepRecorder:
         totals = {key: sum(batch.get(key, 0) for batch in timed) for key in ("samples", "tokens", "positions")}
         rates = {
             "steps": len(timed),
+            "hand_overs": self.hand_overs,
             "seconds": elapsed,
             "samples_per_second": totals["samples"] / elapsed,
             "tokens_per_second": totals["tokens"] / elapsed,
@@ -405,9 +409,9 @@ class TakingTurns:
     Part 2 times training paths against each other on a shared machine whose load changes from one second to the
     next. Timed one after the other, a run that falls in a slow spell is compared with one that does not: single runs
     of the same path differ by up to 40%, in a fast and a slow mode. Taking turns at every optimizer step puts the
-    paths' steps in the same spells, and since only one thread runs at a time, they never compete for the cores
-    (dataloader worker processes, where a path has them, still fill their prefetch queues while it waits; on 2 cores
-    there are none).
+    paths' steps in the same spells, and since only one thread runs at a time, they do not compete for the cores.
+    (Dataloader worker processes would fill their prefetch queues while their run waits; part 2 has none, as its demo
+    recipe sets `dataloader_num_workers: 0`.)
     """
 
     def __init__(self, names: list[str]):
@@ -422,6 +426,8 @@ class TakingTurns:
     def hand_over(self, name: str) -> None:
         """Give the turn to the next thread in the rotation, and wait until it comes back."""
         with self._condition:
+            if self._current != name:
+                raise RuntimeError(f"{name!r} handed over a turn it did not hold (held by {self._current!r}).")
             self._current = self._active[(self._active.index(name) + 1) % len(self._active)]
             self._condition.notify_all()
             self._condition.wait_for(lambda: self._current == name)
@@ -452,7 +458,10 @@ def take_turns(functions: dict[str, Any]) -> dict[str, Any]:
         finally:
             turns.leave(name)
 
-    threads = [threading.Thread(target=run, args=item, name=f"turn-{item[0]}") for item in functions.items()]
+    # Daemon threads: an interrupt (Ctrl-C) in the calling thread ends the process instead of waiting for the runs.
+    threads = [
+        threading.Thread(target=run, args=item, name=f"turn-{item[0]}", daemon=True) for item in functions.items()
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -727,13 +736,18 @@ def benchmark_training(workspace: Workspace, settings: Settings) -> dict[str, An
     }
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in paths}
     names = list(paths)
+    orders = list(itertools.permutations(names))
     for repeat in range(settings.repeats):
         # The three runs of a repeat take turns step by step (`take_turns`), so the machine's load changes hit them
-        # alike. Which path goes first rotates, so that whatever going first does falls on every path alike.
-        order = names[repeat % len(names) :] + names[: repeat % len(names)]
+        # alike. The order goes through all six in turn, so that whatever going first, or right after a given path,
+        # does falls on every path alike.
+        order = orders[repeat % len(orders)]
         with contextlib.redirect_stdout(io.StringIO()):  # once for all threads: sys.stdout is the process's
             results = take_turns({name: paths[name] for name in order})
         for name in names:
+            steps = settings.warmup + settings.steps
+            if results[name]["hand_overs"] != steps:  # a run that kept the turn would run alone, in other load
+                raise RuntimeError(f"Part 2: run {name!r} handed over {results[name]['hand_overs']} of {steps} turns.")
             runs[name].append(results[name])
         gc.collect()
 

@@ -43,6 +43,9 @@ def test_quick_run_writes_every_figure(tmp_path):
         for ours, trl in zip(training["runs"]["ours"], training["runs"]["trl"])
     ]
     assert training["paired_ratio_samples_per_second"]["per_repeat"] == pytest.approx(per_repeat)
+    # Every run took turns at each of its steps (warm-up included).
+    steps = report["settings"]["warmup"] + report["settings"]["steps"]
+    assert all(run["hand_overs"] == steps for runs in training["runs"].values() for run in runs)
     best = {name: max(run["samples_per_second"] for run in training["runs"][name]) for name in training["runs"]}
     assert training["ratio_best_samples_per_second"] == pytest.approx(best["ours"] / best["trl"])
     assert training["ratio_best_samples_per_second_random_sampler"] == pytest.approx(
@@ -152,6 +155,25 @@ def test_full_size_path_runs_on_cpu_with_a_small_config(tmp_path, tiny_model_dir
     assert report["lora"]["2"]["tokens_per_sample"] == pytest.approx(report["qlora"]["2"]["tokens_per_sample"])
 
 
+def take_turns_within(benchmark, functions, timeout=60):
+    """`benchmark.take_turns(functions)`, failing instead of hanging when the turns never end."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome["results"] = benchmark.take_turns(functions)
+        except BaseException as error:  # noqa: BLE001 (raised again below, in the test's thread)
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), f"take_turns did not end within {timeout} s"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["results"]
+
+
 class TestTakingTurns:
     def test_threads_run_one_at_a_time_in_rotation(self):
         benchmark = load_benchmark()
@@ -173,7 +195,7 @@ class TestTakingTurns:
 
             return run
 
-        results = benchmark.take_turns({"a": path("a", 3), "b": path("b", 1), "c": path("c", 2)})
+        results = take_turns_within(benchmark, {"a": path("a", 3), "b": path("b", 1), "c": path("c", 2)})
         assert results == {"a": "a done", "b": "b done", "c": "c done"}
         assert most_running[0] == 1
         # In the order given; b leaves after its one step, and the others go on taking turns.
@@ -193,8 +215,53 @@ class TestTakingTurns:
             finished.append("working")
 
         with pytest.raises(ValueError, match="broken path"):
-            benchmark.take_turns({"failing": failing, "working": working})
+            take_turns_within(benchmark, {"failing": failing, "working": working})
         assert finished == ["working"]
+
+    def test_an_error_before_the_first_hand_over_passes_the_turn_on(self):
+        benchmark = load_benchmark()
+
+        def failing(hand_over):
+            raise ValueError("failed while building")
+
+        def working(hand_over):
+            hand_over()
+            return "done"
+
+        with pytest.raises(ValueError, match="failed while building"):
+            take_turns_within(benchmark, {"failing": failing, "working": working})
+
+    def test_the_recorder_hands_over_at_each_step_end_and_leaves_the_wait_out(self):
+        benchmark = load_benchmark()
+
+        class Trainer:  # what StepRecorder uses of a transformers Trainer
+            args = type("Args", (), {"device": torch.device("cpu")})()
+
+            def __init__(self):
+                self.callbacks = []
+
+            def add_callback(self, callback):
+                self.callbacks.append(callback)
+
+            def training_step(self, model, inputs):
+                return 0.0
+
+        trainer, waits = Trainer(), []
+
+        def hand_over():  # another run's step
+            waits.append(1)
+            time.sleep(0.3)
+
+        recorder = benchmark.StepRecorder(trainer, hand_over=hand_over)
+        for _ in range(4):
+            time.sleep(0.02)  # this run's own step
+            trainer.training_step(None, {"attention_mask": torch.ones(2, 5, dtype=torch.long)})
+            trainer.callbacks[0].on_step_end(trainer.args, None, None)
+        rates = recorder.rates(warmup=1)
+        assert len(waits) == 4 and rates["hand_overs"] == 4
+        # 3 timed steps of 0.02 s each; with the other runs' 0.3 s counted it would be over 0.9 s.
+        assert 0.06 <= rates["seconds"] < 0.5
+        assert rates["samples_per_second"] == pytest.approx(6 / rates["seconds"])
 
     def test_step_time_is_each_path_s_own(self):
         benchmark = load_benchmark()
@@ -203,6 +270,7 @@ class TestTakingTurns:
         recorder.step_ends = [1.0, 3.0, 6.0, 10.0]
         recorder.resumed = [2.0, 4.0, 8.0, 10.5]
         recorder.batches = [{"samples": 8, "tokens": 100, "positions": 120} for _ in range(4)]
+        recorder.hand_overs = 4
         rates = recorder.rates(warmup=1)
         # Timed steps 2-4: (3 - 2) + (6 - 4) + (10 - 8) = 5 s of its own, for 24 samples.
         assert rates["seconds"] == pytest.approx(5.0)
