@@ -145,7 +145,10 @@ class Settings:
 
     parts: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
     quick: bool = False
-    repeats: int = 9
+    # Part 2's repeats: each of the six orders of its three runs three times. With turns, one repeat's ratio still
+    # spreads by about 0.05 (SD) on this machine, run to run; 9 repeats left the 90% interval of the median holding 1
+    # in one run of three.
+    repeats: int = 18
     # Torch threads of the CPU parts. One: on a small shared machine, two threads contending with other processes
     # make step times swing by 10x; one thread per process is also what dataloader workers get.
     threads: int = 1
@@ -508,7 +511,7 @@ def median_interval(values: list[float], level: float = 0.90) -> list[float] | N
     largest for which the median of the distribution lies between them with probability >= `level` (the count of
     values below the median is Binomial(n, 1/2)). None where there are too few values (under 5 at 90%).
 
-    9 values give the 2nd and 8th (96%); 11 give the 3rd and 9th (93%)."""
+    9 values give the 2nd and 8th (96%); 11 give the 3rd and 9th (93%); 18 give the 6th and 13th (90.4%)."""
     n, ordered = len(values), sorted(values)
     best = None
     for k in range(1, n // 2 + 1):

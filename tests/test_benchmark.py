@@ -305,6 +305,8 @@ class TestFigures:
         assert benchmark.median_interval([9, 1, 8, 2, 7, 3, 6, 4, 5]) == [2, 8]
         # n = 11: the 3rd and 9th (1 - 134/2048 = 93%).
         assert benchmark.median_interval(list(range(11))) == [2, 8]
+        # n = 18 (part 2's repeats): the 6th and 13th (1 - 2 x 12 616 / 262 144 = 90.4%); the 7th and 12th only 76%.
+        assert benchmark.median_interval(list(range(18))) == [5, 12]
         assert benchmark.median_interval([3, 1, 2, 5, 4]) == [1, 5]  # n = 5: only min and max reach 90% (94%)
         assert benchmark.median_interval([1, 2, 3, 4]) is None  # n = 4: even min-max is 88%
 
