@@ -18,6 +18,7 @@ import transformers
 from vlm_recipes.checkpoints import ProcessorFilesCallback, save_processor_files
 from vlm_recipes.collator import VisionChatCollator
 from vlm_recipes.configs import RecipeError, parse_recipe, resolved_recipe
+from vlm_recipes.data import DataError
 from vlm_recipes.distributed import (
     check_launch,
     close_process_group,
@@ -175,6 +176,6 @@ def verify_saved_model(output_dir, is_adapter):
 if __name__ == "__main__":
     try:
         main(*parse_recipe())
-    except (RecipeError, FileNotFoundError) as error:
+    except (RecipeError, DataError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -58,7 +58,11 @@ class VLMScriptArguments(ScriptArguments):
         too_long (`str`, defaults to `"error"`):
             A sample over `max_length` is never truncated: `error` stops, `drop` leaves it out and reports the count.
         on_bad_row (`str`, defaults to `"error"`):
-            A malformed data row: `error` stops before training, `skip` leaves it out, counted and listed.
+            A malformed data row: `error` stops before training, `skip` leaves it out, counted and listed. Images
+            that cannot be decoded during training follow the same policy (the sample is dropped from its batch).
+        max_image_pixels (`int`, defaults to PIL's `Image.MAX_IMAGE_PIXELS`, 89,478,485):
+            An image whose header claims more pixels than this is a bad row (a decompression bomb, or a scan too large
+            to train on).
         tiny_model_family (`str`, *optional*):
             If set and `model_name_or_path` does not exist, build a tiny random model of this family there first.
         generate_data_if_missing (`bool`, defaults to `False`):
@@ -113,6 +117,10 @@ class VLMScriptArguments(ScriptArguments):
     on_bad_row: str = field(
         default="error",
         metadata={"help": "Malformed data row: `error` or `skip` (counted).", "choices": list(BAD_ROW_POLICIES)},
+    )
+    max_image_pixels: int = field(
+        default=89_478_485,  # PIL's Image.MAX_IMAGE_PIXELS (Pillow 11-13)
+        metadata={"help": "An image with more pixels than this (read from its header) is a bad row."},
     )
     tiny_model_family: str | None = field(
         default=None, metadata={"help": "Build a tiny model of this family at `model_name_or_path` if missing."}

@@ -16,6 +16,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "BadRow",
+    "DataError",
     "BadRowReport",
     "build_dataset",
     "read_jsonl",
@@ -25,12 +26,17 @@ __all__ = [
 ]
 
 
-class BadRow(ValueError):
-    """A malformed data row; the message names the file, the row and what is wrong."""
+class DataError(ValueError):
+    """A problem with the data (a file, a row, an image), reported as one line without a traceback (exit 2)."""
 
-    def __init__(self, file: str | Path, row: int | str, reason: str):
-        self.file, self.row, self.reason = str(file), row, reason
-        super().__init__(f"{file}, row {row}: {reason}")
+
+class BadRow(DataError):
+    """A malformed data row; the message names the file, the row (and its id, when known) and what is wrong."""
+
+    def __init__(self, file: str | Path, row: int | str, reason: str, row_id: str | None = None):
+        self.file, self.row, self.reason, self.row_id = str(file), row, reason, row_id
+        where = f"row {row}" if row_id is None or str(row_id) == str(row) else f"row {row} (id {row_id})"
+        super().__init__(f"{file}, {where}: {reason}")
 
 
 @dataclass
