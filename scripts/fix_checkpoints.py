@@ -14,8 +14,13 @@ Missing processor files are copied from the base model, found offline (local dir
 (`recipe.yaml` or `run_info.json`: `model_name_or_path`), unless `--base_model` names it. Files the checkpoint already
 has are kept; the run's `min_pixels`/`max_pixels` are re-applied to a copied image-processor config.
 
+Saves that were interrupted are listed first (`UNFINISHED`): a `checkpoint-*` directory that lacks what resuming needs
+(trainer state, whole weights, non-empty files), a `.tmp-checkpoint-*` staging directory, or a final output with
+`.tmp-final/` beside it. Resuming skips them; nothing here can repair them: delete them, or resume from an earlier
+checkpoint.
+
 Prints one line per checkpoint with what was found and done, then a summary. Exits 1 when a checkpoint is left
-broken or incomplete (with `--list-broken`: when any is found).
+broken or incomplete, or a save is unfinished (with `--list-broken`: when any is found).
 """
 
 import argparse
@@ -24,6 +29,7 @@ import sys
 from transformers.utils import logging as transformers_logging
 
 from vlm_recipes.checkpoints import find_checkpoints, repair_checkpoint
+from vlm_recipes.resume import unfinished_saves
 
 
 def main() -> int:
@@ -43,11 +49,17 @@ def main() -> int:
     except FileNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if not directories:
+    counts = {}
+    unfinished = unfinished_saves(root) if root else []
+    directories = [directory for directory in directories if directory not in {path for path, _ in unfinished}]
+    for directory, reason in unfinished:
+        counts["unfinished"] = counts.get("unfinished", 0) + 1
+        print(f"{'UNFINISHED':<16} {directory}")
+        print(f"{'':<16}   found: {reason}; resuming skips it")
+    if not directories and not counts:
         print(f"no checkpoints under {root}")
         return 0
 
-    counts = {}
     for directory in directories:
         report = repair_checkpoint(directory, args.base_model, args.trust_remote_code, dry_run=bool(args.list_broken))
         counts[report.status] = counts.get(report.status, 0) + 1
@@ -64,7 +76,8 @@ def main() -> int:
             print(f"{'':<16}   left: {report.after.describe()}")
         elif report.attempted:
             print(f"{'':<16}   verified: AutoProcessor.from_pretrained loads {type(report.after.processor).__name__}")
-    print(f"{len(directories)} checkpoint(s): " + ", ".join(f"{count} {status}" for status, count in counts.items()))
+    summary = ", ".join(f"{count} {status}" for status, count in counts.items())
+    print(f"{len(directories)} checkpoint(s): {summary}")
     return 0 if set(counts) <= {"ok", "fixed"} else 1
 
 

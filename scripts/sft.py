@@ -15,7 +15,6 @@ import sys
 
 import transformers
 
-from vlm_recipes.checkpoints import ProcessorFilesCallback, save_processor_files
 from vlm_recipes.collator import VisionChatCollator
 from vlm_recipes.configs import RecipeError, parse_recipe, resolved_recipe
 from vlm_recipes.data import DataError
@@ -29,9 +28,10 @@ from vlm_recipes.distributed import (
     without_zero3_sharding,
 )
 from vlm_recipes.evaluation import evaluate_task, format_metrics_table
-from vlm_recipes.lengths import apply_data_loading_defaults, prepare_lengths, use_precomputed_lengths
+from vlm_recipes.lengths import apply_data_loading_defaults, prepare_lengths
 from vlm_recipes.models import VLMSFTTrainer, load_model, load_processor, peft_config_for
 from vlm_recipes.reporting import start_run_tracking
+from vlm_recipes.resume import CheckpointError, resolve_resume_checkpoint
 from vlm_recipes.tasks import task_from_args
 from vlm_recipes.training import ensure_demo_inputs, load_splits, save_resolved_recipe
 
@@ -49,6 +49,10 @@ def main(script_args, training_args, model_args):
     training_args.remove_unused_columns = False
     training_args.dataset_kwargs = {**(training_args.dataset_kwargs or {}), "skip_prepare_dataset": True}
     apply_data_loading_defaults(training_args, getattr(script_args, "keys_set", None))
+    # `true` -> the newest complete checkpoint; a path is checked complete. Before anything loads, so it fails fast.
+    training_args.resume_from_checkpoint = resolve_resume_checkpoint(
+        training_args.resume_from_checkpoint, training_args.output_dir
+    )
     # Run name default and W&B settings from the recipe (the environment wins); metadata and compute report below.
     tracking = start_run_tracking(script_args, training_args, model_args)
 
@@ -73,7 +77,12 @@ def main(script_args, training_args, model_args):
     # Collator; sample lengths measured up front (no pixels decoded): `too_long` is applied before training (an
     # over-long sample stops the run, or is dropped and counted) and length grouping gets its `length` column
     ################
-    collator = VisionChatCollator(processor, max_length=training_args.max_length, too_long=script_args.too_long)
+    collator = VisionChatCollator(
+        processor,
+        max_length=training_args.max_length,
+        too_long=script_args.too_long,
+        on_bad_row=script_args.on_bad_row,  # an image that fails to decode in training: stop, or skip and list it
+    )
     train_dataset, eval_dataset, dropped = prepare_lengths(
         script_args, training_args, collator, train_dataset, eval_dataset
     )
@@ -84,7 +93,9 @@ def main(script_args, training_args, model_args):
     ################
     # Training
     ################
-    trainer = VLMSFTTrainer(  # SFTTrainer + per-part learning rates, checkpointing that trains every part
+    # SFTTrainer + per-part learning rates, checkpointing that trains every part, seeded length-grouped sampling,
+    # checkpoints that are whole or absent and load alone (processor files), resumes that load every weight
+    trainer = VLMSFTTrainer(
         model_args=model_args,
         model=model,
         args=training_args,
@@ -93,21 +104,18 @@ def main(script_args, training_args, model_args):
         eval_dataset=eval_dataset,
         processing_class=processor,
         peft_config=peft_config,
-        callbacks=[ProcessorFilesCallback(processor)],  # every checkpoint-*/ reloads its processor alone
     )
-    use_precomputed_lengths(trainer)  # the length-grouped sampler reads the lengths without decoding images
     tracking.attach(trainer, processor)  # run_info.json + W&B config at the start, compute_report.json at the end
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
 
     ################
-    # Save: weights or adapter, processor files, generation config, resolved recipe
+    # Save, whole or not at all: weights or adapter, trainer_state.json, processor files, generation config, recipe
     ################
-    trainer.save_model(training_args.output_dir)
     try:
-        trainer.save_state()  # trainer_state.json (log history) in output_dir, not only in checkpoints
-        if trainer.accelerator.is_main_process:
-            save_processor_files(training_args.output_dir, processor, trainer.model.generation_config)
-            save_resolved_recipe(resolved_recipe(script_args, training_args, model_args), training_args.output_dir)
+        trainer.save_output(
+            training_args.output_dir,
+            lambda directory: save_resolved_recipe(resolved_recipe(script_args, training_args, model_args), directory),
+        )
     finally:
         # The last collective was saving: all processes close their process group together, even when the main
         # process failed to write the files above (see the docstring); what follows runs on the main process alone.
@@ -128,6 +136,7 @@ def main(script_args, training_args, model_args):
         print(f"malformed rows skipped: {len(bad_rows.skipped)}")
         if bad_rows.skipped:
             print(bad_rows.summary())
+        print(collator.skipped_summary())  # from every process and data-loading worker (compute_report.json too)
         print(f"saved to: {training_args.output_dir}")
         if script_args.verify_saved_model:
             with without_zero3_sharding():  # a whole model on this process alone, even after ZeRO-3
@@ -176,6 +185,6 @@ def verify_saved_model(output_dir, is_adapter):
 if __name__ == "__main__":
     try:
         main(*parse_recipe())
-    except (RecipeError, DataError, FileNotFoundError) as error:
+    except (RecipeError, DataError, CheckpointError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

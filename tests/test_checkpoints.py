@@ -224,6 +224,26 @@ def test_list_broken_then_auto_fix(lora_run, full_run, base_model, tmp_path):
 
 
 @pytest.mark.slow
+def test_list_broken_reports_unfinished_saves(full_run, tmp_path):
+    run = tmp_path / "outputs" / "full"
+    shutil.copytree(full_run, run)
+    (run / "checkpoint-4" / "trainer_state.json").unlink()  # as a kill during an unstaged save left it
+    shutil.copytree(run / "checkpoint-2", run / ".tmp-checkpoint-6" / "checkpoint-6")  # a kill while staging
+    (run / ".tmp-final").mkdir()  # a kill during the final save
+    listed = run_script(["scripts/fix_checkpoints.py", "--list-broken", str(tmp_path / "outputs")])
+    assert listed.returncode == 1, listed.stdout + listed.stderr[-2000:]
+    found = statuses(listed.stdout)
+    assert {path for path, status in found.items() if status == "UNFINISHED"} == {
+        str(run / "checkpoint-4"),
+        str(run / ".tmp-checkpoint-6"),
+        str(run),
+    }, listed.stdout
+    assert "found: no trainer_state.json; resuming skips it" in listed.stdout
+    assert "found: an interrupted save (staging directory); resuming skips it" in listed.stdout
+    assert found[str(run / "checkpoint-2")] == "OK"
+
+
+@pytest.mark.slow
 def test_fix_one_checkpoint_from_config_name_or_path(full_run, base_model, tmp_path):
     # A full checkpoint on its own (no recipe.yaml near it) whose config.json names its base, as transformers 4 wrote.
     directory = tmp_path / "checkpoint-2"

@@ -10,6 +10,8 @@ from transformers import AutoProcessor, ProcessorMixin
 
 from vlm_recipes import collator as collator_module
 from vlm_recipes.collator import IGNORE_INDEX, LabelReason, VisionChatCollator, _offsets_array
+from vlm_recipes.data import DataError
+from vlm_recipes.distributed import ImageInEveryBatch
 from vlm_recipes.tiny import trl_chat_template
 
 from conftest import real_processor_dir, requires_real_processor
@@ -365,6 +367,113 @@ class TestBadRows:
         good = conversations()[0]
         with pytest.raises(ValueError, match=message):
             collator([good, example])
+
+
+def undecodable(row_id="bad", image_path="/data/broken.jpg"):
+    """A sample as the dataset's transform gives it when its image cannot be decoded (`vlm_recipes.data`)."""
+    return {
+        "id": row_id,
+        "images": [None],
+        "messages": [user("What is this?", 1), assistant("A red square.")],
+        "image_error": {
+            "image": image_path,
+            "reason": "cannot decode: image file is truncated (3 bytes not processed)",
+        },
+    }
+
+
+def decodable():
+    return [dict(example, id=f"s{i}", image_error=None) for i, example in enumerate(conversations()[:2])]
+
+
+class TestUndecodableImages:
+    def assert_same_batch(self, batch, reference):
+        assert batch.keys() == reference.keys()
+        for key in reference:
+            assert torch.equal(batch[key], reference[key]), key
+
+    def test_error_names_the_sample_and_its_image(self, tiny_model_dirs):
+        collator = VisionChatCollator(tiny_processor(tiny_model_dirs, "qwen2_vl"))  # `on_bad_row` defaults to error
+        with pytest.raises(DataError) as raised:
+            collator([decodable()[0], undecodable()])
+        assert str(raised.value) == (
+            "sample id 'bad': image /data/broken.jpg: cannot decode: image file is truncated (3 bytes not processed). "
+            "Fix or remove the image, or set `on_bad_row: skip` to leave such samples out (counted and listed)."
+        )
+
+    def test_skip_drops_the_sample_from_its_batch_and_lists_it(self, tiny_model_dirs):
+        processor = tiny_processor(tiny_model_dirs, "qwen2_vl")
+        collator = VisionChatCollator(processor, on_bad_row="skip")
+        first, second = decodable()
+        batch = collator([first, undecodable(), second])
+        self.assert_same_batch(batch, VisionChatCollator(processor)([first, second]))
+        assert collator.skipped_samples == [
+            {
+                "id": "bad",
+                "image": "/data/broken.jpg",
+                "reason": "cannot decode: image file is truncated (3 bytes not processed)",
+            }
+        ]
+        assert collator.num_substituted == 0
+        assert "samples skipped for an image that cannot be decoded: 1\n  - id 'bad': image /data/broken.jpg" in (
+            collator.skipped_summary()
+        )
+
+    def test_a_batch_of_bad_samples_only_gets_the_last_good_sample(self, tiny_model_dirs):
+        processor = tiny_processor(tiny_model_dirs, "qwen2_vl")
+        collator = VisionChatCollator(processor, on_bad_row="skip")
+        first, second = decodable()
+        collator([first, second])
+        batch = collator([undecodable("b1"), undecodable("b2")])
+        self.assert_same_batch(batch, VisionChatCollator(processor)([second]))
+        assert (batch["labels"] != IGNORE_INDEX).any()  # supervised tokens: the loss has something to divide by
+        assert [sample["id"] for sample in collator.skipped_samples] == ["b1", "b2"]
+        assert collator.num_substituted == 1
+        assert "where the last good sample stood in: 1" in collator.skipped_summary()
+
+    def test_bad_samples_only_before_any_good_one_is_an_error(self, tiny_model_dirs):
+        collator = VisionChatCollator(tiny_processor(tiny_model_dirs, "qwen2_vl"), on_bad_row="skip")
+        with pytest.raises(DataError, match=r"\(sample id 'b1'\), and no good sample has been seen yet"):
+            collator([undecodable("b1")])
+
+    def test_skips_in_data_loading_workers_reach_the_main_process(self, tiny_model_dirs, tmp_path):
+        collator = VisionChatCollator(tiny_processor(tiny_model_dirs, "qwen2_vl"), on_bad_row="skip")
+        collator.record_skips_to(tmp_path / "skipped_samples.jsonl")
+        first, second = decodable()
+        examples = [first, undecodable("b1"), second, undecodable("b2")]
+        loader = torch.utils.data.DataLoader(examples, batch_size=2, num_workers=1, collate_fn=collator)
+        assert [batch["input_ids"].shape[0] for batch in loader] == [1, 1]
+        assert [sample["id"] for sample in collator.skipped_samples] == ["b1", "b2"]
+        # Through the multi-process wrapper too, which forwards the collator's attributes.
+        assert [sample["id"] for sample in ImageInEveryBatch(collator).skipped_samples] == ["b1", "b2"]
+
+    def test_bad_policy(self, tiny_model_dirs):
+        with pytest.raises(ValueError, match="on_bad_row"):
+            VisionChatCollator(tiny_processor(tiny_model_dirs, "qwen2_vl"), on_bad_row="ignore")
+
+
+# A model's own template that refuses some conversations, as Llama's and Mistral's do.
+ALTERNATING = (
+    "{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% endfor %}"
+)
+
+
+class TestTemplateErrors:
+    def test_names_the_row_and_the_templates_reason(self, tiny_model_dirs):
+        processor = tiny_processor(tiny_model_dirs, "qwen2_vl")
+        processor.chat_template = ALTERNATING + processor.chat_template
+        collator = VisionChatCollator(processor)
+        refused = {"id": "r7", "images": [], "messages": [user("a"), user("b"), assistant("c")]}
+        expected = r"row 1 \(id 'r7'\): the chat template refuses this conversation: Conversation roles must alternate"
+        with pytest.raises(DataError, match=expected):
+            collator([dict(conversations()[2], id="ok"), refused])
+        # The length pass renders every sample before training, with the same message.
+        from vlm_recipes.lengths import sample_lengths
+
+        with pytest.raises(DataError, match=expected):
+            sample_lengths([dict(conversations()[2], id="ok"), refused], collator, progress=False)
 
 
 class _Text(str):

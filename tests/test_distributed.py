@@ -15,6 +15,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -657,16 +658,37 @@ class TestMultiProcessRuns:
         assert "Loaded Qwen2VLForConditionalGeneration quantised: 4-bit nf4" in output
         assert_complete_adapter(output_dir, model_dir)
 
-    def test_zero2_qlora(self, tiny_run_inputs, tmp_path):
+    def test_zero2_qlora_and_its_exact_resume(self, tiny_run_inputs, tmp_path):
+        """QLoRA under ZeRO-2, saving after step 1; then a run that has only that checkpoint (what a run killed
+        right after the save leaves) resumes from it and logs step 2's loss exactly as the uninterrupted run."""
         model_dir, data_dir = tiny_run_inputs
         output_dir = tmp_path / "zero2-qlora"
-        qlora = [*QLORA, "--lora_r", "4"]
+        qlora = [*QLORA, "--lora_r", "4", "--save_strategy", "steps", "--save_steps", "1"]
         returncode, output = accelerate_launch(
             "deepspeed_zero2.yaml", *tiny_recipe_args(model_dir, data_dir, output_dir), *DEEPSPEED_ON_CPU, *qlora
         )
         assert_finished(returncode, output, "DeepSpeed ZeRO-2")
         assert "Loaded Qwen2VLForConditionalGeneration quantised: 4-bit nf4" in output
         assert_complete_adapter(output_dir, model_dir)
+
+        resumed_dir = tmp_path / "zero2-qlora-resumed"
+        shutil.copytree(output_dir / "checkpoint-1", resumed_dir / "checkpoint-1")
+        returncode, output = accelerate_launch(
+            "deepspeed_zero2.yaml",
+            *tiny_recipe_args(model_dir, data_dir, resumed_dir),
+            *DEEPSPEED_ON_CPU,
+            *qlora,
+            "--resume_from_checkpoint",
+            "true",
+        )
+        assert_finished(returncode, output, "DeepSpeed ZeRO-2")
+
+        def losses(directory):
+            state = json.loads((directory / "trainer_state.json").read_text())
+            return [(entry["step"], entry["loss"]) for entry in state["log_history"] if "loss" in entry]
+
+        assert len(losses(output_dir)) == 2
+        assert losses(resumed_dir) == losses(output_dir)
 
     def test_zero3_full_model_is_gathered_whole(self, tiny_run_inputs, tmp_path):
         model_dir, data_dir = tiny_run_inputs

@@ -4,13 +4,13 @@ data-loading defaults."""
 import json
 import statistics
 
-import datasets
 import pytest
 import torch
 from PIL import Image
 from transformers import AutoProcessor
-from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
+from transformers.trainer_pt_utils import get_length_grouped_indices
 
+from vlm_recipes import data as data_module
 from vlm_recipes import lengths as lengths_module
 from vlm_recipes.collator import VisionChatCollator
 from vlm_recipes.configs import VLMScriptArguments
@@ -22,8 +22,8 @@ from vlm_recipes.lengths import (
     image_size,
     padding_fraction,
     prepare_lengths,
+    SeededLengthGroupedSampler,
     sample_lengths,
-    use_precomputed_lengths,
 )
 from vlm_recipes.tasks import get_task
 from vlm_recipes.training import load_splits
@@ -142,10 +142,8 @@ class TestCheapLengthIsExact:
         collator = VisionChatCollator(AutoProcessor.from_pretrained(tiny_model_dirs["qwen2_vl"]))
         expected = [collator.sample_length(shapes_dataset[i], i) for i in range(len(shapes_dataset))]
         decoded = []
-        original = datasets.Image.decode_example
-        monkeypatch.setattr(
-            datasets.Image, "decode_example", lambda self, *a, **k: decoded.append(1) or original(self, *a, **k)
-        )
+        original = data_module.load_rgb_image  # what the dataset's transform decodes each image with
+        monkeypatch.setattr(data_module, "load_rgb_image", lambda *a, **k: decoded.append(1) or original(*a, **k))
         cheap, _ = sample_lengths(shapes_dataset, collator, progress=False)
         assert cheap == expected
         assert decoded == []  # sizes came from the file headers
@@ -197,7 +195,10 @@ class TestLengthGrouping:
 
     def test_trainer_reads_the_lengths_without_decoding(self, tiny_model_dirs, shapes_dataset, tmp_path, monkeypatch):
         from transformers import AutoModelForImageTextToText
-        from trl import SFTConfig, SFTTrainer
+        from trl import SFTConfig
+
+        from vlm_recipes.configs import VLMModelConfig
+        from vlm_recipes.models import VLMSFTTrainer
 
         model_dir = tiny_model_dirs["qwen2_vl"]
         processor = AutoProcessor.from_pretrained(model_dir)
@@ -215,21 +216,19 @@ class TestLengthGrouping:
         train, _, dropped = prepare_lengths(script_args, args, collator, shapes_dataset, None)
         assert dropped == {"train": []}
         lengths, _ = sample_lengths(shapes_dataset, collator, progress=False)
-        trainer = SFTTrainer(
+        trainer = VLMSFTTrainer(
+            model_args=VLMModelConfig(model_name_or_path=str(model_dir)),
             model=AutoModelForImageTextToText.from_pretrained(model_dir),
             args=args,
             data_collator=collator,
             train_dataset=train,
             processing_class=processor,
         )
-        use_precomputed_lengths(trainer)
         decoded = []
-        original = datasets.Image.decode_example
-        monkeypatch.setattr(
-            datasets.Image, "decode_example", lambda self, *a, **k: decoded.append(1) or original(self, *a, **k)
-        )
+        original = data_module.load_rgb_image  # what the dataset's transform decodes each image with
+        monkeypatch.setattr(data_module, "load_rgb_image", lambda *a, **k: decoded.append(1) or original(*a, **k))
         sampler = trainer._get_train_sampler()  # what `get_train_dataloader` asks for
-        assert isinstance(sampler, LengthGroupedSampler) and sampler.lengths == lengths
+        assert isinstance(sampler, SeededLengthGroupedSampler) and sampler.lengths == lengths
         assert decoded == []  # building the sampler read no row
         loader = trainer.get_train_dataloader()
         seen = [row for batch in loader for row in batch["attention_mask"].sum(dim=1).tolist()]

@@ -25,13 +25,14 @@ from vlm_recipes.data import BadRowReport, build_dataset
 from vlm_recipes.families import UnknownFamilyError, detect_family, family_of_model
 from vlm_recipes.models import (
     VLMSFTTrainer,
+    _float32_input_to_autocast_dtype,
     check_quantization_for_zero3,
     check_training_setup,
     deepspeed_zero_stage,
-    _float32_input_to_autocast_dtype,
     detach_frozen_vision_inputs,
     has_4bit_autocast_hook,
     keep_4bit_outputs_in_autocast_dtype,
+    keep_4bit_weights_unpacked_on_cpu,
     load_model,
     load_processor,
     lora_target_modules_for,
@@ -115,7 +116,7 @@ def train_dataset(shapes_dir):
     return build_dataset([row for row in rows if len(row["images"]) == 1])
 
 
-def make_trainer(model_dir, dataset, model_args, args):
+def make_trainer(model_dir, dataset, model_args, args, eval_dataset=None):
     processor = load_processor(model_args)
     if getattr(processor, "chat_template", None) is None:
         pytest.skip(f"{model_dir.name}: its processor has no chat template, so VisionChatCollator cannot train it")
@@ -126,6 +127,7 @@ def make_trainer(model_dir, dataset, model_args, args):
         args=args,
         data_collator=VisionChatCollator(processor, max_length=args.max_length),
         train_dataset=dataset,
+        eval_dataset=eval_dataset,
         processing_class=processor,
         peft_config=peft_config_for(model, model_args),
     )
@@ -290,6 +292,40 @@ def cuda_layer_norm_policy():
         yield
 
 
+def force_cpu_repack(monkeypatch, available: bool = True) -> None:
+    """Make the bitsandbytes 4-bit layers built from now on repack their weights for CPU inference as on a CPU with
+    AVX512-BF16 (or never, with `available=False`), whatever CPU runs the test.
+
+    bitsandbytes 0.50.2 decides once per layer: `Linear4bit.__init__` sets `support_avx512bf16_for_cpu` from
+    `has_avx512bf16()`, imported into `bitsandbytes.nn.modules`. The repack itself is plain torch and fails before
+    any AVX512-BF16 kernel runs; past it, on another CPU, bitsandbytes would run its default kernel on the packed
+    layout, which `keep_4bit_weights_unpacked_on_cpu` never lets happen."""
+    import bitsandbytes.nn.modules
+
+    monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: available)
+
+
+@pytest.fixture
+def cpu_repack_forced(monkeypatch):
+    """4-bit layers built in the test repack for CPU inference as on an AVX512-BF16 CPU (`force_cpu_repack`)."""
+    force_cpu_repack(monkeypatch)
+
+
+def quantised_linear(out_features: int, in_features: int):
+    """A bitsandbytes NF4 linear (double quantisation, float32 compute) of random weights, quantised on CPU."""
+    import bitsandbytes as bnb
+
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear4bit(
+        in_features, out_features, bias=False, compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True
+    )
+    return layer.to("cpu")  # quantises
+
+
+def is_packed_for_cpu(layer) -> bool:
+    return bool(getattr(layer.weight.quant_state, "packing_format_for_cpu", False))
+
+
 def remove_autocast_hooks(model) -> int:
     removed = 0
     for module in model.modules():
@@ -307,7 +343,8 @@ class TestFourBitUnderAutocast:
     # Florence-2's language model (BART's) as well. Qwen2.5-VL's tower uses RMSNorm, which returns its input's dtype.
     AFFECTED = frozenset({"qwen2_vl", "qwen3_vl", "smolvlm", "idefics2", "llava", "paligemma", "florence2"})
 
-    def test_same_product_in_autocast_dtype(self, tiny_model_dirs):
+    def test_same_product_in_autocast_dtype(self, tiny_model_dirs, cpu_repack_forced):
+        """On any CPU as on one with AVX512-BF16, where bitsandbytes would repack the weight for the no-grad calls."""
         import bitsandbytes as bnb
 
         model = load_model(
@@ -387,6 +424,97 @@ class TestFourBitUnderAutocast:
         remove_autocast_hooks(model)
         float32_without_hook = torch.float32 in set().union(*step().values())
         assert float32_without_hook == (family_name in self.AFFECTED)  # what the hook prevents
+
+
+# --------------------------------------------------------------------------------------------------------------------
+class TestFourBitOnAnyCPU:
+    """bitsandbytes repacks a 4-bit weight in place for its AVX512-BF16 kernel on the first eval-mode forward without
+    grad; `load_model` turns that off (`keep_4bit_weights_unpacked_on_cpu`). Forced here, so on any CPU."""
+
+    # (out, in): in not a multiple of the block (64); out not a multiple of 32; both fine, where the repack works
+    # but leaves a weight that trains without input gradients.
+    SHAPES = ((96, 32), (40, 128), (128, 128))
+
+    def test_bitsandbytes_alone_fails_on_a_narrow_layer(self, cpu_repack_forced):
+        """What happens without the fix (the error of the issue), and proof that the fixture forces the repack."""
+        layer = quantised_linear(96, 32).eval()
+        with torch.no_grad(), pytest.raises(RuntimeError, match=r"shape '\[96, 0\]' is invalid for input of size 48"):
+            layer(torch.randn(3, 32))
+
+    @pytest.mark.parametrize("shape", SHAPES, ids=lambda shape: f"{shape[0]}x{shape[1]}")
+    def test_layer_evaluates_then_trains_as_without_the_repack(self, shape, cpu_repack_forced):
+        out_features, in_features = shape
+        layer = quantised_linear(out_features, in_features)
+        assert keep_4bit_weights_unpacked_on_cpu(torch.nn.Sequential(layer)) == 1
+        x = torch.randn(5, in_features, generator=torch.Generator().manual_seed(1))
+
+        def trained_step():
+            inputs = x.clone().requires_grad_(True)
+            layer.train()(inputs).square().sum().backward()
+            return inputs.grad
+
+        before = trained_step()
+        layer.eval()
+        with torch.no_grad():
+            evaluated = layer(x)
+        assert not is_packed_for_cpu(layer)
+        assert torch.equal(evaluated, layer.train()(x))  # the product training computes
+        assert torch.equal(trained_step(), before)  # gradients still reach the input after an evaluation
+
+    def test_qlora_model_evaluates_then_trains_as_without_the_repack(
+        self, tiny_model_dirs, train_dataset, monkeypatch
+    ):
+        """A QLoRA tiny model: an eval-mode forward without grad, then a training step, give the same logits and LoRA
+        gradients with the repack forced as on a CPU without it."""
+        import bitsandbytes as bnb
+
+        model_args = model_config(tiny_model_dirs["qwen2_vl"], use_peft=True, load_in_4bit=True, lora_dropout=0.0)
+        batch = VisionChatCollator(load_processor(model_args), max_length=512)([train_dataset[i] for i in range(2)])
+
+        def evaluate_then_train(repack_available):
+            force_cpu_repack(monkeypatch, available=repack_available)
+            model = load_model(model_args)
+            torch.manual_seed(0)  # the same LoRA initialisation
+            model = get_peft_model(model, peft_config_for(model, model_args))
+            layers = [module for module in model.modules() if isinstance(module, bnb.nn.Linear4bit)]
+            assert layers
+            model.eval()
+            with torch.no_grad():
+                logits = model(**batch).logits
+            assert not any(is_packed_for_cpu(layer) for layer in layers)
+            model.train()
+            model(**batch).loss.backward()
+            gradients = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+            assert gradients and all(".lora_" in name for name in gradients)
+            return logits, gradients
+
+        logits, gradients = evaluate_then_train(repack_available=True)
+        reference_logits, reference_gradients = evaluate_then_train(repack_available=False)
+        assert torch.equal(logits, reference_logits)
+        assert gradients.keys() == reference_gradients.keys()
+        assert all(torch.equal(gradients[name], reference_gradients[name]) for name in gradients)
+
+    def test_trainer_evaluates_in_the_middle_of_training(self, tiny_model_dirs, train_dataset, tmp_path, monkeypatch):
+        """`Trainer.evaluate` between training steps (the chess recipe's `eval_strategy: steps`), repack forced:
+        the same evaluation losses and trained adapter as without it."""
+
+        def run(repack_available):
+            force_cpu_repack(monkeypatch, available=repack_available)
+            model_args = model_config(tiny_model_dirs["qwen2_vl"], use_peft=True, load_in_4bit=True, lora_r=4)
+            args = training_config(tmp_path / str(repack_available), max_steps=2, eval_strategy="steps", eval_steps=1)
+            torch.manual_seed(0)
+            trainer = make_trainer(
+                tiny_model_dirs["qwen2_vl"], train_dataset, model_args, args, eval_dataset=train_dataset
+            )
+            trainer.train()
+            eval_losses = [entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry]
+            assert len(eval_losses) == 2
+            return eval_losses, {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+
+        eval_losses, weights = run(repack_available=True)
+        reference_losses, reference_weights = run(repack_available=False)
+        assert eval_losses == reference_losses
+        assert all(torch.equal(weights[name], reference_weights[name]) for name in reference_weights)
 
 
 # --------------------------------------------------------------------------------------------------------------------

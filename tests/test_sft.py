@@ -2,7 +2,12 @@
 
 import json
 import math
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -77,6 +82,60 @@ def test_full_finetune_trains_saves_and_reloads(tmp_path, tiny_model_dirs, shape
     assert processor.chat_template == AutoProcessor.from_pretrained(model_dir).chat_template
     assert model.generation_config.eos_token_id == processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert "task: shapes" in (output / "recipe.yaml").read_text()
+
+
+def logged_losses(output_dir):
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    return [(entry["step"], entry["loss"]) for entry in state["log_history"] if "loss" in entry]
+
+
+def test_killed_run_resumes_exactly(tmp_path, tiny_model_dirs, shapes_data):
+    """A full fine-tuning run SIGKILLed after a checkpoint (possibly in the middle of the next save), resumed with
+    `--resume_from_checkpoint true`, logs the same losses as an uninterrupted run, bit for bit; the killed run left
+    nothing that passes for a finished model."""
+    model_dir = tiny_model_dirs["qwen2_vl"]
+    keys = {"max_steps": 40, "save_strategy": "steps", "save_steps": 2, "per_device_train_batch_size": 2}
+    recipe = write_recipe(tmp_path / "r.yaml", model_dir, shapes_data, tmp_path / "full", **keys)
+    result = run_script(["scripts/sft.py", str(recipe)])
+    assert result.returncode == 0, result.stderr[-4000:]
+    uninterrupted = logged_losses(tmp_path / "full")
+    assert len(uninterrupted) == 40
+
+    killed = tmp_path / "killed"
+    command = [sys.executable, "scripts/sft.py", str(recipe), "--output_dir", str(killed)]
+    environment = {**os.environ, "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false"}
+    process = subprocess.Popen(
+        command, cwd=REPO_ROOT, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 600
+    while not (killed / "checkpoint-4").is_dir() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    _, stderr = process.communicate()
+    assert process.returncode == -signal.SIGKILL, f"the run ended before it was killed: {stderr[-3000:]}"
+    assert not (killed / "config.json").exists() and not (killed / "trainer_state.json").exists()
+    steps = sorted(int(path.name.split("-")[1]) for path in killed.glob("checkpoint-*"))
+    assert steps and steps[-1] < 40
+
+    result = run_script(
+        ["scripts/sft.py", str(recipe), "--output_dir", str(killed), "--resume_from_checkpoint", "true"]
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert logged_losses(killed) == uninterrupted
+    AutoModelForImageTextToText.from_pretrained(killed)
+
+
+def test_a_resume_that_cannot_load_stops_in_one_line(tmp_path, tiny_model_dirs, shapes_data):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dirs["qwen2_vl"], shapes_data, tmp_path / "o")
+    (tmp_path / "o" / "checkpoint-2").mkdir(parents=True)
+    (tmp_path / "o" / "checkpoint-2" / "optimizer.pt").write_bytes(b"")
+    result = run_script(["scripts/sft.py", str(recipe), "--resume_from_checkpoint", "true"])
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: `resume_from_checkpoint: true` found no complete checkpoint in {tmp_path / 'o'} (incomplete: "
+        "checkpoint-2: empty file(s): optimizer.pt); drop the key to train from the start, or give a checkpoint path."
+    )
+    assert "Traceback" not in result.stderr
 
 
 def test_lora_trains_language_model_only(tmp_path, tiny_model_dirs, shapes_data):

@@ -1,13 +1,15 @@
 """The chess task: FEN <-> JSON, metrics on hand-computed cases, loading with bad rows, demo data, and pair import."""
 
+import io
 import json
 import math
 import random
 
 import chess
 import pytest
+from PIL import Image
 
-from vlm_recipes.data import BadRow, BadRowReport
+from vlm_recipes.data import BadRow, BadRowReport, DataError
 from vlm_recipes.tasks import get_task
 from vlm_recipes.tasks.chess import (
     PROMPT,
@@ -26,6 +28,13 @@ AFTER_E4 = "rnbqkbnr/pppppppp/8/8/4P3/8/PPPP1PPP/RNBQKBNR b KQkq - 0 1"
 # Black just played d7-d5 next to the e5 pawn: en passant is on.
 EN_PASSANT = "rnbqkbnr/ppp1pppp/8/3pP3/8/8/PPPP1PPP/RNBQKBNR w KQkq d6 0 3"
 ENDGAME = "8/8/4k3/8/2R5/8/5K2/8 b - - 17 64"
+
+
+def small_png() -> bytes:
+    """A valid 2x2 PNG: loading reads every image's header, so a placeholder file must be a real image."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (2, 2)).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def answer(fen: str) -> str:
@@ -272,7 +281,7 @@ def native_row(image="img.png", fen=START, **overrides):
 
 class TestLoadRows:
     def write(self, tmp_path, rows, split="train"):
-        (tmp_path / "img.png").write_bytes(b"")  # existence is what loading checks; decoding happens later
+        (tmp_path / "img.png").write_bytes(small_png())  # its header is read at load time, its pixels later
         (tmp_path / f"{split}.json").write_text(json.dumps(rows))
 
     def test_good_row(self, tmp_path):
@@ -305,7 +314,7 @@ class TestLoadRows:
 
     def test_bad_row_error_names_file_and_row(self, tmp_path):
         self.write(tmp_path, [native_row(), native_row(image="missing.png")])
-        with pytest.raises(BadRow, match=r"train.json, row 1: image file .*missing.png not found"):
+        with pytest.raises(BadRow, match=r"train.json, row 1 \(id chess_000001\): image file .*missing.png not found"):
             get_task("chess").load_rows(tmp_path, "train", tmp_path, BadRowReport("error"))
 
     def test_skip_counts_every_bad_row(self, tmp_path):
@@ -357,6 +366,18 @@ class TestLoadRows:
             task.load_rows(tmp_path, "train", tmp_path, BadRowReport("skip"))
         (tmp_path / "train.json").write_text('{"rows": []}')
         with pytest.raises(ValueError, match="must hold a JSON list"):
+            task.load_rows(tmp_path, "train", tmp_path, BadRowReport("skip"))
+
+    def test_file_errors_are_one_line_data_errors_naming_the_line(self, tmp_path):
+        task, file = get_task("chess"), tmp_path / "train.json"
+        file.write_text('[\n  {"id": 1},\n  {"id": 2\n')  # cut short after its third line
+        with pytest.raises(DataError, match=r"train.json, line 4: not valid JSON \(Expecting ',' delimiter"):
+            task.load_rows(tmp_path, "train", tmp_path, BadRowReport("skip"))
+        file.write_bytes(b'[\n  {"id": "caf\xe9"}\n]\n')
+        with pytest.raises(DataError, match=r"train.json, line 2: not UTF-8 \(byte 0xe9 at column 14\)"):
+            task.load_rows(tmp_path, "train", tmp_path, BadRowReport("skip"))
+        file.write_text("\n")
+        with pytest.raises(DataError, match=r"train.json: the file is empty"):
             task.load_rows(tmp_path, "train", tmp_path, BadRowReport("skip"))
 
 

@@ -1,15 +1,24 @@
 """The element task: parsing, metrics on hand-computed cases, loading with bad rows, demo data, and the demo run."""
 
+import io
 import json
 import math
 
 import pytest
+from PIL import Image
 
 from vlm_recipes.data import BadRow, BadRowReport
 from vlm_recipes.tasks import get_task
 from vlm_recipes.tasks.element import classification_metrics, parse_element
 
 from conftest import run_script
+
+
+def small_png() -> bytes:
+    """A valid 2x2 PNG: loading reads every image's header, so a placeholder file must be a real image."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (2, 2)).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 class TestParseElement:
@@ -55,7 +64,7 @@ class TestClassificationMetrics:
 
 class TestLoadRows:
     def write(self, tmp_path, lines):
-        (tmp_path / "img.png").write_bytes(b"")  # existence is what loading checks; decoding happens later
+        (tmp_path / "img.png").write_bytes(small_png())  # its header is read at load time, its pixels later
         (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
 
     def test_bad_rows_error_names_file_and_row(self, tmp_path):

@@ -3,11 +3,13 @@ and evaluation that feeds the model's own answers forward (generation replaced b
 
 import csv
 import dataclasses
+import io
 import json
 
 import pytest
+from PIL import Image
 
-from vlm_recipes.data import BadRow, BadRowReport
+from vlm_recipes.data import BadRow, BadRowReport, DataError
 from vlm_recipes.tasks import medical_steps
 from vlm_recipes.tasks.base import TASKS
 from vlm_recipes.tasks.medical_steps import (
@@ -27,8 +29,15 @@ from vlm_recipes.tasks.medical_steps import (
 HEADER = ["Task_id", "Image_id", "Instruction", "Output", "Grounding"]
 
 
+def small_png() -> bytes:
+    """A valid 2x2 PNG: loading reads every image's header, so a placeholder file must be a real image."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (2, 2)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def write_steps(directory, records, header=HEADER, images=True):
-    """Write `steps.csv` (records: lists of cells; dict cells become JSON) and an empty file per Image_id."""
+    """Write `steps.csv` (records: lists of cells; dict cells become JSON) and a small PNG per Image_id."""
     (directory / "images").mkdir(parents=True, exist_ok=True)
     with (directory / "steps.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
@@ -37,7 +46,7 @@ def write_steps(directory, records, header=HEADER, images=True):
             writer.writerow([json.dumps(cell) if isinstance(cell, dict) else cell for cell in record])
     if images and "Image_id" in header:
         for record in records:
-            (directory / "images" / record[header.index("Image_id")]).write_bytes(b"")  # loading checks existence
+            (directory / "images" / record[header.index("Image_id")]).write_bytes(small_png())
 
 
 def step(task_id, number, output, goal="Open the scan.", grounding=None):
@@ -267,7 +276,7 @@ class TestLoadRows:
 
     def test_bad_json_error_names_file_and_line(self, tmp_path):
         write_steps(tmp_path, [step(1, 1, {"a": 1}), [1, "t1_s2.png", "Open the scan.", "{oops", "{}"]])
-        with pytest.raises(BadRow, match=r"steps.csv, row 3: `Output` is not valid JSON"):
+        with pytest.raises(BadRow, match=r"steps.csv, row 3 \(id 1/1\): `Output` is not valid JSON"):
             load(tmp_path)
 
     def test_skip_drops_the_whole_task_and_counts_every_row(self, tmp_path):
@@ -311,19 +320,19 @@ class TestLoadRows:
 
     def test_missing_image_and_suffix_lookup(self, tmp_path):
         write_steps(tmp_path, [[1, "shot_1", "Open.", "{}", "{}"], [1, "shot_2", "Open.", "{}", "{}"]], images=False)
-        (tmp_path / "images" / "shot_1.jpg").write_bytes(b"")
+        (tmp_path / "images" / "shot_1.jpg").write_bytes(small_png())
         rows, report = load(tmp_path, policy="skip")
         assert rows == [] and report.skipped[0].reason.startswith(
             f"image file {tmp_path / 'images' / 'shot_2'} (also with .png/.jpg/.jpeg) not found"
         )
-        (tmp_path / "images" / "shot_2.png").write_bytes(b"")
+        (tmp_path / "images" / "shot_2.png").write_bytes(small_png())
         rows, _ = load(tmp_path)
         assert [row["images"][0].rsplit("/", 1)[1] for row in rows] == ["shot_1.jpg", "shot_2.png"]
 
     def test_image_dir_absolute(self, tmp_path):
         write_steps(tmp_path / "data", [step(1, 1, {})], images=False)
         (tmp_path / "shots").mkdir()
-        (tmp_path / "shots" / "t1_s1.png").write_bytes(b"")
+        (tmp_path / "shots" / "t1_s1.png").write_bytes(small_png())
         rows, _ = load(tmp_path / "data", image_dir=str(tmp_path / "shots"))
         assert rows[0]["images"] == [str(tmp_path / "shots" / "t1_s1.png")]
 
@@ -337,7 +346,23 @@ class TestLoadRows:
 
     def test_multiline_cell_line_numbers(self, tmp_path):
         write_steps(tmp_path, [step(1, 1, {}, goal="Open\nthe scan."), [1, "t1_s2.png", "Open.", "{bad", "{}"]])
-        with pytest.raises(BadRow, match=r"row 4: `Output`"):  # the first record spans lines 2-3
+        with pytest.raises(BadRow, match=r"row 4 \(id 1/1\): `Output`"):  # the first record spans lines 2-3
+            load(tmp_path)
+
+    def test_bytes_that_are_not_utf8_make_their_line_bad(self, tmp_path):
+        write_steps(tmp_path, [step(1, 1, {}), step(1, 2, {}), step(2, 1, {})])
+        csv_file = tmp_path / "steps.csv"
+        csv_file.write_bytes(csv_file.read_bytes().replace(b"t1_s2.png,Open the", b"t1_s2.png,Open th\xe9"))
+        with pytest.raises(BadRow) as raised:
+            load(tmp_path)
+        assert str(raised.value) == f"{csv_file}, line 3 (id 1/1): not UTF-8 (byte 0xe9 at column 20)"
+        rows, report = load(tmp_path, policy="skip")
+        assert [row["id"] for row in rows] == ["2/0"]  # task 1 goes with its bad step
+        assert [(error.row, error.unit) for error in report.skipped] == [(3, "line"), (2, "row")]
+
+    def test_empty_file_names_the_file(self, tmp_path):
+        (tmp_path / "steps.csv").write_text("")
+        with pytest.raises(DataError, match=r"steps.csv: the file is empty"):
             load(tmp_path)
 
     def test_missing_column_is_a_file_error(self, tmp_path):

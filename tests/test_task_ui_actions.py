@@ -472,7 +472,7 @@ class TestLoadRows:
 
     def test_bad_row_error_names_file_and_row(self, tmp_path):
         self.write(tmp_path, [self.GOOD, {**self.GOOD, "action": {"type": "drag"}}])
-        with pytest.raises(BadRow, match=r"train.jsonl, row 2: unknown action type 'drag'"):
+        with pytest.raises(BadRow, match=r"train.jsonl, row 2 \(id a\): unknown action type 'drag'"):
             UIActionsTask().load_rows(tmp_path, "train", tmp_path, BadRowReport("error"))
 
     def test_skip_counts_every_bad_row(self, tmp_path):
@@ -506,7 +506,7 @@ class TestLoadRows:
         assert "x0 > x1" in reasons[7]
         assert reasons[8] == "missing key `task`"
         assert "outside the 400x300 image" in reasons[9]
-        assert "cannot read image" in reasons[10]
+        assert "broken.png is not an image file that PIL can read" in reasons[10]
 
     def test_split_exists(self, tmp_path):
         self.write(tmp_path, [self.GOOD])

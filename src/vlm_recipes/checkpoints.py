@@ -2,8 +2,8 @@
 
 Every `checkpoint-*/` and the final output directory of a run hold the processor files (tokenizer, chat template,
 `processor_config.json` and the legacy `preprocessor_config.json`) and `generation_config.json`, so that
-`AutoProcessor.from_pretrained(directory)` works with no base model at hand. `save_processor_files` writes them and
-`ProcessorFilesCallback` calls it for each checkpoint; `scripts/sft.py` uses both.
+`AutoProcessor.from_pretrained(directory)` works with no base model at hand. `save_processor_files` writes them;
+`VLMSFTTrainer` calls it for each checkpoint and the final output, before they are moved into place.
 
 The tools:
 
@@ -28,8 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transformers import TrainerCallback
-
 from .families import detect_family, model_class_for
 
 logger = logging.getLogger(__name__)
@@ -41,7 +39,6 @@ __all__ = [
     "BaseModelNotFoundError",
     "Diagnosis",
     "ModelCheck",
-    "ProcessorFilesCallback",
     "RepairReport",
     "check_model",
     "default_merge_dtype",
@@ -143,38 +140,6 @@ def save_processor_files(
         return _move_into(staging, directory, only_missing)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-class ProcessorFilesCallback(TrainerCallback):
-    """Make every `checkpoint-<step>/` reload its processor and generation config with no base model at hand.
-
-    The transformers 5.23 Trainer already saves `processing_class` into each checkpoint (`Trainer._save`): tokenizer,
-    chat template and `processor_config.json`. What it lacks is `preprocessor_config.json` (folded into
-    processor_config.json since transformers 5) and, for a PEFT model, `generation_config.json`
-    (`PeftModel.save_pretrained` writes the adapter only). This callback fills in those missing files after each save,
-    on the process(es) that write checkpoints, and leaves the Trainer's own files as they are.
-
-    Args:
-        processor (`ProcessorMixin`, *optional*): the processor to save; defaults to the Trainer's `processing_class`.
-    """
-
-    def __init__(self, processor=None):
-        self.processor = processor
-
-    def on_save(self, args, state, control, model=None, processing_class=None, **kwargs):
-        if not args.should_save:
-            return
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-        directory = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-        processor = self.processor if self.processor is not None else processing_class
-        if not directory.is_dir() or processor is None:
-            logger.warning("No checkpoint directory %s or no processor: processor files not added.", directory)
-            return
-        generation_config = getattr(model, "generation_config", None) if model is not None else None
-        written = save_processor_files(directory, processor, generation_config, only_missing=True)
-        if written:
-            logger.info("Added %s to %s", ", ".join(written), directory)
 
 
 # --------------------------------------------------------------------------------------------------------------------

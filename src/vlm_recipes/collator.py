@@ -20,14 +20,17 @@ by the family's processor, not by us.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy
 import torch
+from jinja2.exceptions import TemplateError
 from transformers import ProcessorMixin
 from transformers.utils.chat_template_utils import render_jinja_template
 
@@ -38,6 +41,7 @@ except ImportError:  # renamed in a later transformers: the collator renders thr
 
 from . import family_collation
 from .chat_templates import fill_missing_chat_template
+from .data import LISTED_BAD_ROWS, DataError
 from .families import processor_layout
 
 logger = logging.getLogger(__name__)
@@ -52,6 +56,7 @@ _PROMPT_CACHE_SIZE = 1024
 # `random` filter and `lipsum` global.
 _NONDETERMINISTIC_TEMPLATE = re.compile(r"strftime|random|lipsum")
 TOO_LONG_POLICIES = ("error", "drop")
+BAD_ROW_POLICIES = ("error", "skip")
 ROLES = ("system", "user", "assistant")
 
 
@@ -86,6 +91,19 @@ def _row_name(example: dict[str, Any], index: int) -> str:
     return f"row {index} (id {row_id!r})" if row_id is not None else f"row {index}"
 
 
+def _sample_name(example: dict[str, Any]) -> str:
+    """A sample of a batch by its id: its place in the batch says nothing about the data file."""
+    row_id = example.get("id")
+    return f"sample id {row_id!r}" if row_id is not None else "a sample without an id"
+
+
+def _image_error_message(example: dict[str, Any], name: str) -> str:
+    error = example["image_error"]
+    if isinstance(error, dict):
+        return f"{name}: image {error.get('image')}: {error.get('reason')}"
+    return f"{name}: {error}"
+
+
 def _normalize_content(content: Any, where: str) -> list[dict[str, Any]]:
     """Return content as a list of typed items; a plain string becomes one text item.
 
@@ -94,16 +112,16 @@ def _normalize_content(content: Any, where: str) -> list[dict[str, Any]]:
     if isinstance(content, str):
         return [{"type": "text", "text": content if type(content) is str else str.__str__(content)}]
     if not isinstance(content, list):
-        raise ValueError(f"{where}: `content` must be a string or a list of items, got {type(content).__name__}.")
+        raise DataError(f"{where}: `content` must be a string or a list of items, got {type(content).__name__}.")
     items = []
     for item in content:
         if not isinstance(item, dict) or item.get("type") not in ("text", "image"):
-            raise ValueError(
+            raise DataError(
                 f"{where}: content items must be {{'type': 'image'}} or {{'type': 'text', 'text': ...}}, got {item!r}."
             )
         if item["type"] == "text":
             if not isinstance(item.get("text"), str):
-                raise ValueError(f"{where}: a text item needs a string `text`, got {item!r}.")
+                raise DataError(f"{where}: a text item needs a string `text`, got {item!r}.")
             text = item["text"]
             items.append({"type": "text", "text": text if type(text) is str else str.__str__(text)})  # exact str
         else:
@@ -178,6 +196,13 @@ class VisionChatCollator:
             stop. Then the tokenizer's `eos_token` is appended to each assistant turn (logged once).
         pad_to_multiple_of (`int`, *optional*):
             Pad the batch length to a multiple of this.
+        on_bad_row (`str`, defaults to `"error"`):
+            What to do with a sample whose image could not be decoded (the dataset's transform, `vlm_recipes.data`,
+            marks it with an `image_error` rather than raising): `"error"` raises a `DataError` naming the sample's id
+            and the image; `"skip"` leaves it out of its batch and records it in `skipped_samples` (id, image,
+            reason). When every sample of a batch is bad, the last good sample this collator returned stands in for
+            them (trained on once more, counted in `num_substituted` and logged), so that the batch still has
+            supervised tokens; before any good sample has been seen there is none to stand in, and it raises.
     """
 
     def __init__(
@@ -187,9 +212,12 @@ class VisionChatCollator:
         too_long: str = "error",
         add_eos_if_missing: bool = True,
         pad_to_multiple_of: int | None = None,
+        on_bad_row: str = "error",
     ):
         if too_long not in TOO_LONG_POLICIES:
             raise ValueError(f"`too_long` must be one of {TOO_LONG_POLICIES}, got {too_long!r}.")
+        if on_bad_row not in BAD_ROW_POLICIES:
+            raise ValueError(f"`on_bad_row` must be one of {BAD_ROW_POLICIES}, got {on_bad_row!r}.")
         if max_length is not None and max_length <= 0:
             raise ValueError(f"`max_length` must be positive or None, got {max_length}.")
         tokenizer = getattr(processor, "tokenizer", None)
@@ -213,6 +241,11 @@ class VisionChatCollator:
         self.pad_to_multiple_of = pad_to_multiple_of
         self.num_dropped = 0
         self.dropped_names: list[str] = []
+        self.on_bad_row = on_bad_row
+        # Skips and substitutions of this process, as `{"skipped": {...}}` / `{"substituted_by": id}` entries.
+        self._skip_entries_here: list[dict[str, Any]] = []
+        self._skip_record: Path | None = None
+        self._last_good: dict[str, Any] | None = None
         self._warned_added_eos = False
         # PaliGemma (prefix/suffix) and Florence-2 (encoder-decoder) take the prompt and the answer as two inputs,
         # not one rendered conversation: `vlm_recipes.family_collation` encodes them (hooks in encode,
@@ -310,37 +343,37 @@ class VisionChatCollator:
 
     def _validate(self, example: dict[str, Any], name: str) -> tuple[list[dict[str, Any]], list[Any]]:
         if not isinstance(example, dict) or "messages" not in example:
-            raise ValueError(
-                f"{name}: an example must be a dict with `messages` (and `images`), got {example!r:.200}."
-            )
+            raise DataError(f"{name}: an example must be a dict with `messages` (and `images`), got {example!r:.200}.")
+        if example.get("image_error"):
+            raise DataError(_image_error_message(example, name))
         images = example.get("images") or []
         if not isinstance(images, (list, tuple)):
             images = [images]
         raw_messages = example["messages"]
         if not isinstance(raw_messages, list) or len(raw_messages) == 0:
-            raise ValueError(f"{name}: `messages` is empty; a training example needs a user and an assistant turn.")
+            raise DataError(f"{name}: `messages` is empty; a training example needs a user and an assistant turn.")
         messages = []
         for turn, message in enumerate(raw_messages):
             where = f"{name}, message {turn}"
             if not isinstance(message, dict) or message.get("role") not in ROLES:
-                raise ValueError(f"{where}: `role` must be one of {ROLES}, got {message!r:.200}.")
+                raise DataError(f"{where}: `role` must be one of {ROLES}, got {message!r:.200}.")
             if "content" not in message or message["content"] is None:
-                raise ValueError(f"{where}: the {message['role']} message has no `content`.")
+                raise DataError(f"{where}: the {message['role']} message has no `content`.")
             content = _normalize_content(message["content"], where)
             if message["role"] == "assistant":
                 if any(item["type"] == "image" for item in content):
-                    raise ValueError(f"{where}: an assistant turn holds an image; images belong in user turns.")
+                    raise DataError(f"{where}: an assistant turn holds an image; images belong in user turns.")
                 if not "".join(item["text"] for item in content).strip():
-                    raise ValueError(f"{where}: the assistant turn is empty; there is nothing to learn from it.")
+                    raise DataError(f"{where}: the assistant turn is empty; there is nothing to learn from it.")
             messages.append({"role": ROLES[ROLES.index(message["role"])], "content": content})  # exact str
         roles = [message["role"] for message in messages]
         if "assistant" not in roles:
-            raise ValueError(f"{name}: no assistant turn; the loss is computed on assistant turns only.")
+            raise DataError(f"{name}: no assistant turn; the loss is computed on assistant turns only.")
         if roles[0] == "assistant":
-            raise ValueError(f"{name}: the conversation starts with an assistant turn; add the user turn it answers.")
+            raise DataError(f"{name}: the conversation starts with an assistant turn; add the user turn it answers.")
         num_placeholders = sum(item["type"] == "image" for m in messages for item in m["content"])
         if num_placeholders != len(images):
-            raise ValueError(
+            raise DataError(
                 f"{name}: {num_placeholders} image placeholder(s) ({{'type': 'image'}} items) in `messages` but "
                 f"{len(images)} image(s) in `images`; they must match one to one, in order."
             )
@@ -348,6 +381,14 @@ class VisionChatCollator:
 
     def _render_row(self, example: dict[str, Any], index: int, with_regions: bool = False) -> _RenderedRow:
         name = _row_name(example, index)
+        try:
+            return self._render_validated_row(example, name, with_regions)
+        except TemplateError as error:
+            # A model's own template may refuse a conversation (Llama's "Conversation roles must alternate..."):
+            # jinja's message names neither the row nor its id.
+            raise DataError(f"{name}: the chat template refuses this conversation: {error}") from None
+
+    def _render_validated_row(self, example: dict[str, Any], name: str, with_regions: bool) -> _RenderedRow:
         messages, images = self._validate(example, name)
         text = self._render(messages)
         spans: list[tuple[int, int]] = []
@@ -549,7 +590,7 @@ class VisionChatCollator:
         too_long = [i for i, length in enumerate(lengths) if length > self.max_length]
         if too_long and self.too_long == "error":
             i = too_long[0]
-            raise ValueError(
+            raise DataError(
                 f"{rows[i].name} is {lengths[i]} tokens long (image tokens included), over max_length="
                 f"{self.max_length}. Samples are never truncated, since a cut inside or before the image tokens "
                 "breaks the image/text alignment: raise `max_length`, lower the image pixel budget, or set "
@@ -585,15 +626,110 @@ class VisionChatCollator:
         dropped = set(too_long)
         kept = [row for i, row in enumerate(rows) if i not in dropped]
         if not kept:
-            raise ValueError(
+            raise DataError(
                 f"Every sample of this batch is over max_length={self.max_length}; filter the dataset first "
                 "(`VisionChatCollator.filter_too_long`), raise `max_length` or lower the image pixel budget."
             )
         return kept
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        batch, _, _, _ = self.encode(examples)
+        batch, _, _, _ = self.encode(self._usable(examples))
         return batch
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # Samples whose images could not be decoded (`on_bad_row`)
+    # ---------------------------------------------------------------------------------------------------------------
+    def _usable(self, examples: Sequence[dict[str, Any]]) -> Sequence[dict[str, Any]]:
+        """The examples without an `image_error` (skipped and recorded), or a `DataError` under `on_bad_row: error`."""
+        bad = {i for i, example in enumerate(examples) if isinstance(example, dict) and example.get("image_error")}
+        if not bad:
+            if examples:
+                self._last_good = examples[-1]
+            return examples
+        if self.on_bad_row == "error":
+            example = examples[min(bad)]
+            raise DataError(
+                f"{_image_error_message(example, _sample_name(example))}. Fix or remove the image, or set "
+                "`on_bad_row: skip` to leave such samples out (counted and listed)."
+            )
+        for i in bad:
+            error = examples[i]["image_error"]
+            image, reason = (error.get("image"), error.get("reason")) if isinstance(error, dict) else (None, error)
+            self._record({"skipped": {"id": examples[i].get("id"), "image": image, "reason": reason}})
+        good = [example for i, example in enumerate(examples) if i not in bad]
+        logger.warning(
+            "Skipped %d sample(s) whose image could not be decoded: %s.",
+            len(bad),
+            "; ".join(_image_error_message(examples[i], _sample_name(examples[i])) for i in sorted(bad)),
+        )
+        if good:
+            self._last_good = good[-1]
+            return good
+        if self._last_good is None:
+            raise DataError(
+                f"Every sample of this batch has an image that cannot be decoded "
+                f"({', '.join(_sample_name(examples[i]) for i in sorted(bad))}), and no good sample has been seen yet to "
+                "stand in for them. Fix or remove those images (the run's first batch must hold a good one)."
+            )
+        # A batch needs supervised tokens (an all-masked batch divides its loss by zero): the last good sample
+        # stands in, once more, and is counted as a substitution.
+        self._record({"substituted_by": self._last_good.get("id")})
+        logger.warning(
+            "Every sample of this batch was skipped; the last good sample (%s) stands in for them.",
+            _sample_name(self._last_good),
+        )
+        return [self._last_good]
+
+    def _record(self, entry: dict[str, Any]) -> None:
+        self._skip_entries_here.append(entry)
+        if self._skip_record is None:
+            return
+        # One short line per `write` on a file opened for appending: lines from several data-loading workers and
+        # training processes do not interleave.
+        self._skip_record.parent.mkdir(parents=True, exist_ok=True)
+        with self._skip_record.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(entry, default=str) + "\n")
+
+    def record_skips_to(self, path: str | Path, start_new: bool = True) -> None:
+        """Also append every skip to the JSONL file `path`, which `skipped_samples` then reads.
+
+        Why: with `dataloader_num_workers > 0` the collator runs in worker processes (one copy each), and with several
+        training processes each has its own; the skips they record in memory never reach the main process. Call
+        this before the data loader starts its workers; `start_new` (on one process) removes an older file.
+        """
+        self._skip_record = Path(path)
+        if start_new:
+            self._skip_record.unlink(missing_ok=True)
+
+    def _skip_entries(self) -> list[dict[str, Any]]:
+        if self._skip_record is None:
+            return self._skip_entries_here
+        if not self._skip_record.is_file():
+            return []
+        lines = self._skip_record.read_text(encoding="utf-8").splitlines()
+        return [json.loads(line) for line in lines if line.strip()]
+
+    @property
+    def skipped_samples(self) -> list[dict[str, Any]]:
+        """Samples left out of their batch under `on_bad_row: skip`: `{"id", "image", "reason"}` each, in order. From
+        every process and data-loading worker once `record_skips_to` was called, else from this process only."""
+        return [entry["skipped"] for entry in self._skip_entries() if "skipped" in entry]
+
+    @property
+    def num_substituted(self) -> int:
+        """Batches whose samples were all skipped, which the last good sample stood in for (same scope as above)."""
+        return sum("substituted_by" in entry for entry in self._skip_entries())
+
+    def skipped_summary(self) -> str:
+        """The count of skipped samples, the first `LISTED_BAD_ROWS` by id, image and reason, and substitutions."""
+        samples = self.skipped_samples
+        lines = [f"samples skipped for an image that cannot be decoded: {len(samples)}"]
+        lines += [f"  - id {s['id']!r}: image {s['image']}: {s['reason']}" for s in samples[:LISTED_BAD_ROWS]]
+        if len(samples) > LISTED_BAD_ROWS:
+            lines.append(f"  ... and {len(samples) - LISTED_BAD_ROWS} more")
+        if self.num_substituted:
+            lines.append(f"  batches of bad samples only, where the last good sample stood in: {self.num_substituted}")
+        return "\n".join(lines)
 
     # ---------------------------------------------------------------------------------------------------------------
     # Helpers for scripts

@@ -3,13 +3,20 @@
 A recipe is a YAML file whose keys are fields of `VLMScriptArguments`, `trl.SFTConfig` and `trl.ModelConfig`
 (TRL's and the Trainer's own names wherever those exist). `parse_recipe` reads it the way users type it:
 `scripts/sft.py RECIPE.yaml [--key value ...]` or `scripts/sft.py --config RECIPE.yaml [--key value ...]`, with
-command-line keys overriding the file, and fails on unknown keys before anything heavy is loaded.
+command-line keys overriding the file, and fails on unknown keys, values of the wrong type or out of range, and
+unknown task names before anything heavy is loaded.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import enum
+import json
+import re
+import types
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -239,6 +246,283 @@ def _unknown_key_error(key: str, where: str) -> RecipeError:
     return RecipeError(f"Unknown key `{key}` in {where}{hint}")
 
 
+# Values ----------------------------------------------------------------------------------------------------------
+# TrlParser hands YAML values to argparse as defaults, which argparse never converts unless they are strings, so a
+# recipe's `max_steps: 2.5` or `learning_rate: [0.001]` would reach the Trainer after the data and the model have
+# loaded. Every value is checked here first against its field's annotation, its `choices` and the range rules below.
+
+
+@dataclass(frozen=True)
+class Range:
+    """A range rule of a numeric key: `test` on its value when set (not null), `expected` words for the message."""
+
+    test: Callable[[float], bool]
+    expected: str
+
+
+POSITIVE = Range(lambda value: value > 0, "> 0")
+NON_NEGATIVE = Range(lambda value: value >= 0, ">= 0")
+FRACTION = Range(lambda value: 0 <= value < 1, "in [0, 1)")
+STEP_LIMIT = Range(lambda value: value == -1 or value > 0, "(-1 for no limit, or > 0)")
+
+# Ranges of numeric recipe keys, checked (when the key is set) before anything loads.
+RANGE_RULES: dict[str, Range] = {
+    # Data
+    "max_train_samples": POSITIVE,
+    "max_eval_samples": POSITIVE,
+    "min_pixels": POSITIVE,
+    "max_pixels": POSITIVE,
+    "max_image_pixels": POSITIVE,
+    "max_length": POSITIVE,
+    "demo_data_size": POSITIVE,
+    # LoRA
+    "lora_r": POSITIVE,
+    "lora_alpha": POSITIVE,
+    "lora_dropout": FRACTION,
+    # Training
+    "per_device_train_batch_size": POSITIVE,
+    "per_device_eval_batch_size": POSITIVE,
+    "gradient_accumulation_steps": POSITIVE,
+    "num_train_epochs": POSITIVE,
+    "max_steps": STEP_LIMIT,
+    "learning_rate": POSITIVE,
+    "vision_tower_lr": POSITIVE,
+    "projector_lr": POSITIVE,
+    "language_model_lr": POSITIVE,
+    "warmup_steps": NON_NEGATIVE,  # transformers 5 dropped `warmup_ratio`: a value below 1 is the fraction of steps
+    "weight_decay": NON_NEGATIVE,
+    "max_grad_norm": NON_NEGATIVE,
+    "adam_beta1": FRACTION,
+    "adam_beta2": FRACTION,
+    "dataloader_num_workers": NON_NEGATIVE,
+    # Logging and saving (a value below 1 is a fraction of the training steps)
+    "logging_steps": POSITIVE,
+    "save_steps": POSITIVE,
+    "eval_steps": POSITIVE,
+    # Evaluation by generation
+    "generation_max_samples": POSITIVE,
+    "max_new_tokens": POSITIVE,
+    "temperature": POSITIVE,
+}
+
+
+@dataclass(frozen=True)
+class KeySpec:
+    """What a recipe key accepts: its field's resolved annotation and `metadata["choices"]`, if any."""
+
+    annotation: Any
+    choices: tuple[Any, ...] = ()
+
+
+# Keys whose accepted values are wider than their field's annotation.
+ANNOTATION_OVERRIDES: dict[str, Any] = {
+    # Typed `str | None` by transformers, but `true` (the newest complete checkpoint of `output_dir`) is what
+    # users write, and what `VLMSFTTrainer` resolves (`vlm_recipes.resume.resolve_resume_checkpoint`).
+    "resume_from_checkpoint": str | bool | None,
+}
+
+
+def recipe_key_specs() -> dict[str, KeySpec]:
+    specs: dict[str, KeySpec] = {}
+    for cls in _recipe_dataclasses():
+        hints = typing.get_type_hints(cls)
+        for dataclass_field in dataclasses.fields(cls):
+            if dataclass_field.init:
+                name = dataclass_field.name
+                choices = tuple(dataclass_field.metadata.get("choices", ()))
+                annotation = ANNOTATION_OVERRIDES.get(name, hints.get(name, Any))
+                specs.setdefault(name, KeySpec(annotation, choices))
+    return specs
+
+
+def _is_enum(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, enum.Enum)
+
+
+def _union_members(annotation: Any) -> tuple[Any, ...]:
+    if typing.get_origin(annotation) not in (typing.Union, types.UnionType):
+        return (annotation,)
+    members = typing.get_args(annotation)
+    # transformers writes `IntervalStrategy | str` for "the enum or its value as a string", not for any string.
+    if str in members and any(_is_enum(member) for member in members):
+        members = tuple(member for member in members if member is not str)
+    return members
+
+
+def _number(value: Any) -> int | float | None:
+    """The number a value stands for: argparse converts string defaults, and PyYAML reads `1e-4` as a string."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str):
+        for convert in (int, float):
+            try:
+                return convert(value)
+            except ValueError:
+                pass
+    return None
+
+
+def _fits(value: Any, annotation: Any) -> bool:
+    """Whether a recipe value fits a field annotation; an annotation not handled here accepts anything."""
+    members = _union_members(annotation)
+    if len(members) > 1:
+        return any(_fits(value, member) for member in members)
+    annotation = members[0]
+    origin = typing.get_origin(annotation)
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(_number(value), int)
+    if annotation is float:
+        return _number(value) is not None
+    if annotation is str:
+        return isinstance(value, str)
+    if origin is typing.Literal:
+        return any(
+            value is choice or (type(value) is type(choice) and value == choice)
+            for choice in typing.get_args(annotation)
+        )
+    if annotation is list or origin is list:
+        item_types = typing.get_args(annotation)
+        return isinstance(value, list) and all(_fits(item, item_types[0]) for item in value if item_types)
+    if annotation is dict or origin is dict:
+        return isinstance(value, dict)
+    if _is_enum(annotation):
+        return isinstance(value, annotation) or any(value == member.value for member in annotation)
+    return True
+
+
+_PLURALS = {bool: "booleans", int: "integers", float: "numbers", str: "strings"}
+
+
+def _describe(annotation: Any) -> str:
+    members = _union_members(annotation)
+    if len(members) > 1:
+        return " or ".join(_describe(member) for member in members if member is not type(None))
+    annotation = members[0]
+    origin = typing.get_origin(annotation)
+    if annotation in (bool, int, float, str):
+        return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[annotation]
+    if origin is typing.Literal:
+        return " or ".join(json.dumps(choice) for choice in typing.get_args(annotation))
+    if annotation is list or origin is list:
+        item_type = (typing.get_args(annotation) or (Any,))[0]
+        if _is_enum(item_type):
+            return "a list of " + ", ".join(f"`{member.value}`" for member in item_type)
+        return f"a list of {_PLURALS.get(item_type, 'values')}"
+    if annotation is dict or origin is dict:
+        return "a mapping"
+    if _is_enum(annotation):
+        return "one of " + ", ".join(f"`{member.value}`" for member in annotation)
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _expected(key: str, spec: KeySpec) -> str:
+    """What a key accepts, in words: "an integer > 0, or null"."""
+    if spec.choices:
+        expected = "one of " + ", ".join(f"`{choice}`" for choice in spec.choices)
+    else:
+        expected = _describe(spec.annotation)
+    if key in RANGE_RULES:
+        expected += f" {RANGE_RULES[key].expected}"
+    if type(None) in _union_members(spec.annotation):
+        expected += ", or null"
+    return expected
+
+
+def _value_fits(key: str, value: Any, spec: KeySpec) -> bool:
+    if not _fits(value, spec.annotation):
+        return False
+    if value is None:
+        return True
+    if spec.choices and not any(value == choice for choice in spec.choices):
+        return False
+    number = _number(value)
+    return key not in RANGE_RULES or number is None or RANGE_RULES[key].test(number)
+
+
+def _check_recipe_values(recipe: dict[str, Any], recipe_path: str | None, specs: dict[str, KeySpec]) -> None:
+    for key, value in recipe.items():
+        if key in specs and not _value_fits(key, value, specs[key]):
+            shown = json.dumps(value, default=str)
+            raise RecipeError(f"`{key}: {shown}` in {recipe_path}: expected {_expected(key, specs[key])}.")
+
+
+def _command_line_values(args: list[str]) -> dict[str, str]:
+    """The keys given on the command line and their values as typed (`--key value [value ...]` or `--key=value`)."""
+    values: dict[str, str] = {}
+    key = None
+    for arg in args:
+        if arg.startswith("--"):
+            key, equals, value = arg[2:].partition("=")
+            values[key] = value
+            if equals:
+                key = None
+        elif key is not None:
+            values[key] = f"{values[key]} {arg}".lstrip()
+    values.pop("help", None)
+    return values
+
+
+class RecipeParser(TrlParser):
+    """`TrlParser` whose argparse errors are one-line `RecipeError`s naming the key, the value and what it accepts,
+    instead of the usage text of every key followed by argparse's message."""
+
+    def __init__(self, dataclass_types, recipe_path: str | None, recipe: dict[str, Any], args: list[str]):
+        super().__init__(dataclass_types)
+        self.recipe_path, self.recipe = recipe_path, recipe
+        self.command_line = _command_line_values(args)
+        self.key_specs = recipe_key_specs()
+
+    def error(self, message: str):
+        match = re.match(r"argument --(\w+)", message)
+        key = match.group(1) if match else None
+        if key not in self.key_specs:
+            raise RecipeError(f"Command line: {message}.")
+        spec = self.key_specs[key]
+        expected = f"expected {_expected(key, spec)}"
+        if key in self.command_line:
+            value = self.command_line[key]
+            if not value or re.search(r"expected (one|at least one) argument", message):
+                raise RecipeError(f"`--{key}` on the command line needs a value: {expected}.")
+            where = f"`--{key} {value}` on the command line"
+        else:
+            value = self.recipe.get(key)
+            where = f"`{key}: {json.dumps(value, default=str)}` in {self.recipe_path}"
+        if _value_fits(key, value, spec):  # a value the field allows that HfArgumentParser's conversion does not
+            expected = message.split(": ", 1)[-1].rstrip(".")
+        raise RecipeError(f"{where}: {expected}.")
+
+    def check_command_line_values(self, args: list[str]) -> dict[str, Any]:
+        """The command-line values as argparse converts them, checked like the recipe file's."""
+        if not self.command_line or "--help" in args or "-h" in args:
+            return {}
+        namespace = self.parse_args(args)
+        values = {key: getattr(namespace, key) for key in self.command_line}
+        for key, value in values.items():
+            if not _value_fits(key, value, self.key_specs[key]):
+                raw = self.command_line[key]
+                raise RecipeError(
+                    f"`--{key} {raw}` on the command line: expected {_expected(key, self.key_specs[key])}."
+                )
+        return values
+
+
+def _check_task(task: Any, where: str) -> None:
+    from .tasks import TASKS
+
+    if task in TASKS:
+        return
+    registered = ", ".join(f"`{name}`" for name in sorted(TASKS))
+    closest = difflib.get_close_matches(str(task), sorted(TASKS), n=1, cutoff=0.5)
+    hint = f"; did you mean `{closest[0]}`?" if closest else "."
+    raise RecipeError(f"Unknown task `{task}` {where}; registered tasks: {registered}{hint}")
+
+
 def read_recipe_file(path: str | Path) -> dict[str, Any]:
     """Load a recipe YAML, with one-line errors for a missing file, bad YAML, or unknown keys."""
     path = Path(path)
@@ -291,11 +575,6 @@ def _check_command_line_keys(args: list[str]) -> None:
                 raise _unknown_key_error(key, "the command line")
 
 
-def _keys_set(recipe_path: str | None, args: list[str]) -> set[str]:
-    keys = set(read_recipe_file(recipe_path)) if recipe_path is not None else set()
-    return keys | {arg[2:].split("=", 1)[0] for arg in args if arg.startswith("--")}
-
-
 def parse_recipe(args: list[str] | None = None) -> tuple[VLMScriptArguments, SFTConfig, VLMModelConfig]:
     """Parse `[RECIPE.yaml | --config RECIPE.yaml] [--key value ...]` into our three dataclasses.
 
@@ -306,13 +585,22 @@ def parse_recipe(args: list[str] | None = None) -> tuple[VLMScriptArguments, SFT
 
     args = list(sys.argv[1:] if args is None else args)
     recipe_path, args = _split_recipe_path(args)
-    keys_set = _keys_set(recipe_path, args)  # validates the recipe file before TrlParser reads it
-    if recipe_path is not None:
-        args = ["--config", recipe_path, *args]
-    _check_command_line_keys([a for a in args if a != "--config"])
+    # Keys, values and the task name of the file and of the command line are checked before TrlParser builds
+    # anything from them.
+    recipe = read_recipe_file(recipe_path) if recipe_path is not None else {}
+    _check_command_line_keys(args)
     option_classes = _task_option_classes()
     dataclass_types = _recipe_dataclasses()
-    parser = TrlParser(dataclass_types)
+    parser = RecipeParser(dataclass_types, recipe_path, recipe, args)
+    _check_recipe_values(recipe, recipe_path, parser.key_specs)
+    command_line_values = parser.check_command_line_values(args)
+    keys_set = set(recipe) | set(parser.command_line)
+    if "task" in command_line_values:
+        _check_task(command_line_values["task"], "on the command line")
+    elif "task" in recipe:
+        _check_task(recipe["task"], f"in {recipe_path}")
+    if recipe_path is not None:
+        args = ["--config", recipe_path, *args]
     try:
         parsed = parser.parse_args_and_config(args)
     except RecipeError:

@@ -38,8 +38,10 @@ __all__ = [
     "image_size",
     "padding_fraction",
     "prepare_lengths",
+    "SeededLengthGroupedSampler",
+    "precomputed_lengths",
     "sample_lengths",
-    "use_precomputed_lengths",
+    "sampling_strategy",
 ]
 
 # EXIF orientations that turn the image by 90 degrees: `datasets` (and `ImageOps.exif_transpose`) swap its sides.
@@ -51,9 +53,41 @@ _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
 # --------------------------------------------------------------------------------------------------------------------
 def _opened_size(opened) -> tuple[int, int]:
     width, height = opened.size
+    # Why the PNG case: Pillow's `PngImageFile.getexif` decodes the whole image whenever no eXIf chunk came before
+    # the pixels (it looks for one after them), which made this size read cost a full decode for most PNGs.
+    if opened.format == "PNG" and "exif" not in opened.info and not _png_exif_after_pixels(opened):
+        return height, width
     if opened.getexif().get(0x0112) in _TRANSPOSING_ORIENTATIONS:  # 0x0112: the EXIF Orientation tag
         width, height = height, width
     return height, width
+
+
+def _png_exif_after_pixels(opened) -> bool:
+    """Whether a PNG holds an eXIf chunk (after its pixel data), found by reading chunk headers only."""
+    handle, position = opened.fp, opened.fp.tell()
+    try:
+        handle.seek(8)  # past the signature
+        while len(header := handle.read(8)) == 8:
+            length, kind = int.from_bytes(header[:4], "big"), header[4:]
+            if kind in (b"eXIf", b"IEND"):
+                return kind == b"eXIf"
+            handle.seek(length + 4, 1)  # the chunk's data and CRC
+        return False
+    finally:
+        handle.seek(position)
+
+
+def _file_size(source: Any, name: Any = None) -> tuple[int, int]:
+    from PIL import Image
+
+    from .data import DataError, without_pil_pixel_limit
+
+    # The recipe's `max_image_pixels` was checked at load time and may be above PIL's own limit, hence its check off.
+    try:
+        with without_pil_pixel_limit(), Image.open(source) as opened:
+            return _opened_size(opened)
+    except (OSError, SyntaxError, ValueError, EOFError) as error:  # what PIL raises for a header it cannot read
+        raise DataError(f"cannot read the header of image {name or source}: {error}") from None
 
 
 def image_size(image: Any) -> tuple[int, int]:
@@ -61,7 +95,8 @@ def image_size(image: Any) -> tuple[int, int]:
 
     Accepts a PIL image, a file path, a `datasets.Image` storage dict (`{"path", "bytes"}`), or an array/tensor
     (`HWC` or `CHW`). Files are opened lazily (PIL reads the header only); an EXIF rotation by 90 degrees swaps the
-    sides, as `datasets` applies it when it decodes the image.
+    sides, as `datasets` applies it when it decodes the image. A header that cannot be read is a `DataError` naming the
+    image (load time has already left such images out: `vlm_recipes.data.resolve_image`).
     """
     from PIL import Image
 
@@ -69,15 +104,12 @@ def image_size(image: Any) -> tuple[int, int]:
         width, height = image.size
         return height, width
     if isinstance(image, (str, Path)):
-        with Image.open(image) as opened:
-            return _opened_size(opened)
+        return _file_size(image)
     if isinstance(image, dict) and ("path" in image or "bytes" in image):
         if image.get("bytes"):
-            with Image.open(io.BytesIO(image["bytes"])) as opened:
-                return _opened_size(opened)
+            return _file_size(io.BytesIO(image["bytes"]), name=image.get("path") or "(image bytes)")
         if image.get("path"):
-            with Image.open(image["path"]) as opened:
-                return _opened_size(opened)
+            return _file_size(image["path"])
     shape = getattr(image, "shape", None)
     if shape is not None and len(shape) == 3:
         channels_first = shape[0] in (1, 3, 4) and shape[-1] not in (1, 3, 4)
@@ -306,7 +338,7 @@ def prepare_lengths(script_args, training_args, collator, train_dataset, eval_da
     Returns `(train_dataset, eval_dataset, dropped)`, `dropped` mapping a split to the names of samples left out.
     Nothing is measured when neither `max_length` nor length grouping needs it.
     """
-    grouping = _sampling_strategy(training_args) in ("group_by_length", "batch_rebalance")
+    grouping = sampling_strategy(training_args) in ("group_by_length", "batch_rebalance")
     column = training_args.length_column_name
     dropped: dict[str, list[str]] = {}
     prepared = []
@@ -352,56 +384,50 @@ def _with_column(dataset, column: str, values: list[int]):
     )
 
 
-def _sampling_strategy(training_args) -> str:
+def precomputed_lengths(dataset, column: str) -> list[int] | None:
+    """The dataset's length column as a list, read as plain Arrow data (None when it has no such column).
+
+    Why: the Trainer reads `dataset[length_column_name]`, which on a dataset with a custom transform (ours parse the
+    JSON messages and decode the images) is a `datasets.Column` that formats the WHOLE row, images decoded, on every
+    `lengths[i]` the sampler makes: the dataset's images would be decoded once more per epoch just to sort it.
+    """
+    import datasets
+
+    if isinstance(dataset, datasets.Dataset) and column in dataset.column_names:
+        return dataset.with_format("arrow").select_columns([column])[column].to_pylist()
+    return None
+
+
+def sampling_strategy(training_args) -> str:
     strategy = getattr(training_args, "train_sampling_strategy", "random")
     return getattr(strategy, "value", strategy)
 
 
-def use_precomputed_lengths(trainer) -> None:
-    """Make the Trainer's length-grouped samplers read the length column without formatting whole rows.
+class SeededLengthGroupedSampler:
+    """transformers' length-grouped order, drawn from its own generator seeded by `seed` and the epoch.
 
-    Why: the Trainer reads `dataset[length_column_name]`, which on a dataset with a custom transform (ours parse the
-    JSON messages and decode the images) is a `datasets.Column` that formats the WHOLE row, images decoded, on every `lengths[i]` the
-    sampler makes: the dataset's images would be decoded once more per epoch just to sort it. Here the column is read
-    as plain Arrow data once, and the samplers get the list.
+    Why ours: transformers' `LengthGroupedSampler` (5.24), as the Trainer builds it, draws its order from torch's global
+    RNG when the epoch starts. A run resumed from a checkpoint restores that RNG as it was at the checkpoint, not at
+    the epoch's start, so it drew another order for the rest of the epoch (losses 0.4-0.6% off an uninterrupted run).
+    Here epoch `e` always draws from `seed + e`; accelerate's data loader calls `set_epoch` each epoch, and the Trainer
+    skips the batches already trained in the resumed epoch.
     """
-    import datasets
 
-    column = trainer.args.length_column_name
-    original_train_sampler, original_eval_sampler = trainer._get_train_sampler, trainer._get_eval_sampler
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        self.batch_size, self.lengths, self.seed, self.epoch = batch_size, list(lengths), int(seed), 0
 
-    def plain_lengths(dataset):
-        if isinstance(dataset, datasets.Dataset) and column in dataset.column_names:
-            return dataset.with_format("arrow").select_columns([column])[column].to_pylist()
-        return None
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
 
-    def train_sampler(train_dataset=None):
-        dataset = trainer.train_dataset if train_dataset is None else train_dataset
-        strategy = _sampling_strategy(trainer.args)
-        if strategy == "batch_rebalance" and isinstance(dataset, datasets.Dataset):
-            # The Trainer builds this sampler itself; from the unformatted view its column reads skip the transform.
-            return original_train_sampler(dataset.with_format(None))
-        lengths = plain_lengths(dataset) if strategy == "group_by_length" else None
-        if lengths is None:
-            return original_train_sampler(train_dataset)
-        from transformers.trainer_pt_utils import LengthGroupedSampler
+    def __len__(self) -> int:
+        return len(self.lengths)
 
-        batch_size = trainer.args.train_batch_size * trainer.args.gradient_accumulation_steps
-        return LengthGroupedSampler(batch_size, lengths=lengths)
-
-    def eval_sampler(eval_dataset):
-        lengths = plain_lengths(eval_dataset) if _sampling_strategy(trainer.args) == "group_by_length" else None
-        if lengths is None:
-            return original_eval_sampler(eval_dataset)
+    def __iter__(self):
         import torch
-        from transformers.trainer_pt_utils import LengthGroupedSampler
+        from transformers.trainer_pt_utils import get_length_grouped_indices
 
-        seed = trainer.args.data_seed if trainer.args.data_seed is not None else trainer.args.seed
-        generator = torch.Generator().manual_seed(seed)  # as the Trainer's own eval sampler
-        return LengthGroupedSampler(trainer.args.eval_batch_size, lengths=lengths, generator=generator)
-
-    trainer._get_train_sampler = train_sampler
-    trainer._get_eval_sampler = eval_sampler
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
 
 
 # --------------------------------------------------------------------------------------------------------------------

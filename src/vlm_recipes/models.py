@@ -18,15 +18,31 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import warnings
 from collections.abc import Iterable
+from pathlib import Path
 
+import datasets
 import torch
 from transformers import TrainerCallback
 from trl import ModelConfig, SFTTrainer, get_peft_config
 
 from .chat_templates import fill_missing_chat_template
 from .families import UnknownFamilyError, detect_family, family_of_model
+from .lengths import SeededLengthGroupedSampler, precomputed_lengths, sampling_strategy
+from .resume import (
+    FINAL_STAGING_NAME,
+    TRAINER_STATE_NAME,
+    check_adapter_loaded,
+    has_full_weights,
+    load_full_weights,
+    publish_directory,
+    replace_directory,
+    resolve_resume_checkpoint,
+    staging_name,
+    withdraw_completion_files,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -304,6 +320,7 @@ def load_model(model_args: ModelConfig, training_args=None):
         logger.info("Loaded %s quantised: %s.", type(model).__name__, _quantization_summary(quantization_config))
         release_checkpoint_mapping(model)
         keep_4bit_outputs_in_autocast_dtype(model)
+        keep_4bit_weights_unpacked_on_cpu(model)
     freeze_parts(model, model_args)
     return model
 
@@ -373,6 +390,35 @@ def _float32_input_to_autocast_dtype(module, args):
     if module.compute_dtype != dtype:
         return None
     return (x.to(dtype), *args[1:])
+
+
+def keep_4bit_weights_unpacked_on_cpu(model) -> int:
+    """Keep bitsandbytes from repacking the 4-bit weights of `model` for its CPU inference kernel. Returns how many
+    4-bit linear layers it set.
+
+    Why: in bitsandbytes 0.50.2, `Linear4bit.forward` on CPU, in eval mode, with an input that does not require grad
+    (`Trainer.evaluate`, generation) rewrites its weight in place into the layout of its AVX512-BF16 kernel
+    (`bitsandbytes.functional._convert_weight_packed_for_cpu`) when `Linear4bit.support_avx512bf16_for_cpu` is set;
+    `__init__` sets it from `has_avx512bf16()`, true on Intel Xeon Cooper Lake, Sapphire Rapids and later and on
+    AMD Zen 4 and later. Then:
+    - a layer whose input width is not a multiple of the quantisation block (64 here) fails (`RuntimeError: shape
+      '[96, 0]' is invalid for input of size 48`), one whose output width is not a multiple of 32 too
+      (`AssertionError: N must be divisible by block_n`): every tiny model, at its first evaluation;
+    - a layer that was repacked stays so: `train()` does not undo it, and the packed kernel (`gemv_4bit`, chosen by
+      `matmul_4bit` from `quant_state.packing_format_for_cpu`) has no autograd, so training after an evaluation in
+      the middle of training passes no gradient back through the frozen 4-bit layers (PyTorch only warns);
+      `dequantize_4bit` (PEFT's merge) reads the packed layout as the plain one; saving unpacks it
+      (`_convert_weight_packed_for_cpu_inverse`) with absmax rounded to bfloat16, so the saved weights change;
+    - the repacked layer computes in bfloat16 with bfloat16 absmax, not in the compute dtype training used.
+    `forward` reads the flag at every call, and nothing else does, so clearing it turns the repack off for that layer
+    alone; GPU runs never take that path. The cost: CPU inference of 4-bit models goes without that kernel.
+    """
+    import bitsandbytes as bnb
+
+    layers = [module for module in model.modules() if isinstance(module, bnb.nn.Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
 
 
 def _quantization_summary(config) -> str:
@@ -765,7 +811,8 @@ def detach_frozen_vision_inputs(model, handles: list | None = None) -> list:
 # Trainer
 # --------------------------------------------------------------------------------------------------------------------
 class VLMSFTTrainer(SFTTrainer):
-    """TRL's `SFTTrainer` with per-part learning rates and gradient checkpointing that trains every part.
+    """TRL's `SFTTrainer` with per-part learning rates, gradient checkpointing that trains every part, saves that are
+    whole or absent, and exact resumes.
 
     Args:
         model_args (`VLMModelConfig`): the recipe's model keys (`vision_tower_lr`, `projector_lr`,
@@ -774,10 +821,17 @@ class VLMSFTTrainer(SFTTrainer):
     The optimizer is the Trainer's (`optim`, its betas and eps), given parameter groups per part and per weight-decay
     split. Under DeepSpeed it is used as DeepSpeed's client optimizer, which needs a DeepSpeed config without an
     `optimizer` section (checked by `check_training_setup`).
+
+    Saving and resuming (`vlm_recipes.resume`): each `checkpoint-<step>/` is written into `.tmp-checkpoint-<step>/`,
+    with the processor files and generation config that let it load alone, and renamed into place when whole; the
+    final output likewise (`save_output`). Resuming loads full weights with the family's key renamings and stops on
+    any weight or adapter tensor that did not load. The length-grouped sampler reads the precomputed `length` column
+    and draws each epoch's order from `seed + epoch` (`data_seed` when set), so a resumed run sees the same batches.
     """
 
     def __init__(self, *args, model_args: ModelConfig, **kwargs):
         self.model_args = model_args
+        self._staging_run_dir: str | None = None
         training_args = kwargs.get("args")
         if training_args is not None:
             _configure_gradient_checkpointing(model_args, training_args)
@@ -790,6 +844,129 @@ class VLMSFTTrainer(SFTTrainer):
                 "Reentrant gradient checkpointing: %d trainable block(s) get inputs that require grad.", hooked
             )
 
+    # Samplers ---------------------------------------------------------------------------------------------------
+    def _sampler_seed(self) -> int:
+        return self.args.data_seed if self.args.data_seed is not None else self.args.seed
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        strategy = sampling_strategy(self.args)
+        if strategy == "batch_rebalance" and isinstance(dataset, datasets.Dataset):
+            # The Trainer builds this sampler itself; from the unformatted view its column reads skip the transform.
+            return super()._get_train_sampler(dataset.with_format(None))
+        lengths = precomputed_lengths(dataset, self.args.length_column_name) if strategy == "group_by_length" else None
+        if lengths is None:
+            return super()._get_train_sampler(train_dataset)
+        batch_size = self.args.train_batch_size * self.args.gradient_accumulation_steps
+        return SeededLengthGroupedSampler(batch_size, lengths, seed=self._sampler_seed())
+
+    def _get_eval_sampler(self, eval_dataset):
+        if sampling_strategy(self.args) != "group_by_length":
+            return super()._get_eval_sampler(eval_dataset)
+        lengths = precomputed_lengths(eval_dataset, self.args.length_column_name)
+        if lengths is None:
+            return super()._get_eval_sampler(eval_dataset)
+        return SeededLengthGroupedSampler(self.args.eval_batch_size, lengths, seed=self._sampler_seed())
+
+    # Saving: whole or absent -------------------------------------------------------------------------------------
+    def _get_output_dir(self, trial) -> str:
+        # While `_save_checkpoint` runs, the Trainer's checkpoint goes into the staging directory.
+        return self._staging_run_dir or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+        folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        run_dir = Path(self._get_output_dir(trial))
+        staging_root = run_dir / staging_name(folder)
+        if self.accelerator.is_local_main_process:  # what an interrupted save of this step left
+            shutil.rmtree(staging_root, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        self._staging_run_dir = str(staging_root)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_run_dir = None
+        staged, final = staging_root / folder, run_dir / folder
+        if self.args.should_save and staged.is_dir():
+            self._add_processor_files(staged)
+            best = self.state.best_model_checkpoint
+            if best and Path(best) == staged:  # the Trainer recorded the staging path: point at the final one
+                self.state.best_model_checkpoint = str(final)
+                self.state.save_to_json(str(staged / TRAINER_STATE_NAME))
+        self.accelerator.wait_for_everyone()  # every process has written its part (DeepSpeed shards)
+        if self.accelerator.is_local_main_process and staged.is_dir():
+            replace_directory(staged, final)
+            shutil.rmtree(staging_root, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:  # the Trainer rotated inside the staging directory: rotate the real ones
+            rotate_checkpoints(
+                output_dir=str(run_dir),
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+
+    def _add_processor_files(self, directory: Path) -> None:
+        """The files the Trainer's checkpoint lacks to load alone: `preprocessor_config.json` (folded into
+        processor_config.json since transformers 5) and, for a PEFT model, `generation_config.json`."""
+        from .checkpoints import save_processor_files
+
+        if self.processing_class is None or not hasattr(self.processing_class, "image_processor"):
+            return
+        generation_config = getattr(self.model, "generation_config", None)
+        save_processor_files(directory, self.processing_class, generation_config, only_missing=True)
+
+    def save_output(self, output_dir: str | Path, write_extra_files=None) -> None:
+        """Save the final model (or adapter), `trainer_state.json`, the processor files, the generation config and
+        whatever `write_extra_files(directory)` writes into `output_dir`, whole or not at all.
+
+        Everything is written into `<output_dir>/.tmp-final/` and then moved into `output_dir` file by file, with
+        `config.json` / `adapter_config.json` last; a previous run's are removed first. A kill at any moment leaves a
+        directory that `from_pretrained` does not take for a model. Every process calls it (ZeRO-3 gathers).
+        """
+        output_dir = Path(output_dir)
+        staging = output_dir / FINAL_STAGING_NAME
+        if self.accelerator.is_local_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+            withdraw_completion_files(output_dir)
+        self.accelerator.wait_for_everyone()
+        self.save_model(str(staging))
+        if self.args.should_save:
+            self.state.save_to_json(str(staging / TRAINER_STATE_NAME))
+            self._add_processor_files(staging)
+            if write_extra_files is not None:
+                write_extra_files(staging)
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_local_main_process and staging.is_dir():
+            publish_directory(staging, output_dir)
+        self.accelerator.wait_for_everyone()
+
+    # Resuming: every weight loaded, or stop -------------------------------------------------------------------
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
+        target = self.model if model is None else model
+        if has_full_weights(resume_from_checkpoint) and not self.is_fsdp_enabled and not _is_peft(self.model):
+            load_full_weights(self.accelerator.unwrap_model(target), resume_from_checkpoint)
+            return
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        trainable_dtypes = {name: p.dtype for name, p in unwrapped.named_parameters() if p.requires_grad}
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if _is_peft(self.model):
+            # PEFT's `load_adapter` (0.18, `autocast_adapter_dtype=True`) upcasts the adapter to float32, where TRL
+            # had cast a QLoRA adapter to bfloat16: the resumed run would compute in another dtype than the run it
+            # continues. The checkpoint holds the bfloat16 values, so casting back restores them exactly.
+            for name, parameter in unwrapped.named_parameters():
+                if name in trainable_dtypes and parameter.dtype != trainable_dtypes[name]:
+                    parameter.data = parameter.data.to(trainable_dtypes[name])
+            check_adapter_loaded(unwrapped, resume_from_checkpoint)
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        # `resume_from_checkpoint: true` from a recipe or the command line arrives as the string "true", which the
+        # Trainer takes for a path ("Can't find a valid checkpoint at true"); a given path is checked complete.
+        resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    # Optimizer ----------------------------------------------------------------------------------------------------
     def create_optimizer(self, model=None):
         opt_model = self.model if model is None else model
         has_part_rates = any(rate is not None for rate in part_learning_rates(self.model_args).values())
@@ -844,6 +1021,12 @@ class _FrozenVisionWithoutGrad(TrainerCallback):
             warnings.filterwarnings(
                 "ignore", message="None of the inputs have requires_grad=True", module="torch.utils.checkpoint"
             )
+
+
+def _is_peft(model) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
 
 
 def part_has_trainable(model, part: str) -> bool:

@@ -11,7 +11,9 @@ Tracking (used by `scripts/sft.py`):
   files sit beside the model. transformers' `WandbCallback` then starts the run at the beginning of training.
 - `RunTracking.attach` adds the callbacks: at the start of training the run's metadata (resolved recipe, git commit,
   package versions, hardware) goes into `<output_dir>/run_info.json` and, with W&B, into the run's config; at the end
-  the compute report (`vlm_recipes.compute`) is written and logged.
+  the compute report (`vlm_recipes.compute`) is written and logged, with the samples the collator skipped for an
+  image it could not decode (`skipped_samples`; they are recorded in `<output_dir>/skipped_samples.jsonl` as they
+  happen, from every process and data-loading worker).
 - `log_evaluation` (called by `evaluation.evaluate_task`) puts the task metrics into the active W&B run's summary as
   `eval/<task>/<metric>` and logs a table of sample predictions with their images, drawn on by the task
   (`Task.annotate_image`). Without an active run it does nothing, and this module never imports W&B itself (TRL
@@ -35,7 +37,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from .comparison import RUN_INFO_NAME, flatten
+from .comparison import COMPUTE_REPORT_NAME, RUN_INFO_NAME, flatten
 from .compute import track_compute
 from .data import write_text_atomically
 
@@ -43,8 +45,10 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "EVAL_TABLE_ROWS",
+    "SKIPPED_SAMPLES_NAME",
     "RunInfoCallback",
     "RunTracking",
+    "SkippedSamplesCallback",
     "apply_wandb_environment",
     "default_run_name",
     "git_info",
@@ -58,6 +62,8 @@ __all__ = [
 
 # Rows of the W&B table of sample predictions logged at evaluation.
 EVAL_TABLE_ROWS = 32
+# Where the collator records, as they happen, the samples it skips during training (`on_bad_row: skip`).
+SKIPPED_SAMPLES_NAME = "skipped_samples.jsonl"
 # Recipe keys -> the environment variables W&B reads them from.
 WANDB_ENVIRONMENT = {
     "wandb_project": "WANDB_PROJECT",
@@ -216,9 +222,17 @@ class RunTracking:
         return resolved_recipe(self.script_args, self.training_args, self.model_args)
 
     def attach(self, trainer, processor) -> None:
-        """Add the run-metadata and compute-report callbacks to `trainer`."""
+        """Add the run-metadata and compute-report callbacks to `trainer`; the collator's skips are recorded in
+        `<output_dir>/skipped_samples.jsonl` and go into the compute report."""
         trainer.add_callback(RunInfoCallback(self))
         self.compute = track_compute(trainer, processor)
+        collator = trainer.data_collator
+        if callable(getattr(collator, "record_skips_to", None)):
+            # Before `train()` starts the data-loading workers, which take their copy of the collator with it.
+            collator.record_skips_to(
+                Path(trainer.args.output_dir) / SKIPPED_SAMPLES_NAME, start_new=trainer.is_world_process_zero()
+            )
+            trainer.add_callback(SkippedSamplesCallback(self.compute, collator))
 
     def finish(self) -> None:
         """Close the W&B run (flushing an offline run's files), if one is active."""
@@ -282,6 +296,37 @@ class RunInfoCallback(TrainerCallback):
         write_text_atomically(
             output_dir / RUN_INFO_NAME, json.dumps(info, indent=2, sort_keys=True, default=str) + "\n"
         )
+
+
+class SkippedSamplesCallback(TrainerCallback):
+    """At the end of training (main process, after the compute report is written): the samples the collator skipped
+    go into `compute_report.json` as `skipped_samples` (`count`, `substituted_batches`, `samples`: id, image, reason).
+
+    The compute report is `vlm_recipes.compute`'s; this adds one section to it and writes it again, whole.
+    """
+
+    def __init__(self, compute, collator):
+        self.compute = compute
+        self.collator = collator
+
+    def on_train_end(self, args, state, control, **kwargs):
+        report = getattr(self.compute, "report", None)
+        if not state.is_world_process_zero or report is None:
+            return
+        samples = self.collator.skipped_samples
+        report["skipped_samples"] = {
+            "count": len(samples),
+            "substituted_batches": self.collator.num_substituted,
+            "samples": samples,
+        }
+        report["definitions"] = {
+            **report.get("definitions", {}),
+            "skipped_samples": "samples left out of their batch under on_bad_row: skip because an image could not be "
+            "decoded (a sample skipped in two epochs counts twice); substituted_batches: batches whose samples were "
+            "all skipped, which the last good sample stood in for",
+        }
+        path = Path(args.output_dir) / COMPUTE_REPORT_NAME
+        write_text_atomically(path, json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------------------

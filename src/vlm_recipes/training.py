@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from .configs import VLMScriptArguments
-from .data import BadRowReport, build_dataset
+from .data import BadRowReport, DataError, build_dataset
 from .tasks import task_from_args
 from .tiny import build_tiny_model
 
@@ -70,7 +70,7 @@ def load_splits(script_args: VLMScriptArguments, splits: list[str | None], limit
         )
     image_base_dir = Path(script_args.image_base_dir) if script_args.image_base_dir else data_dir
     task = task_from_args(script_args)
-    report = BadRowReport(policy=script_args.on_bad_row)
+    report = BadRowReport(policy=script_args.on_bad_row, max_image_pixels=script_args.max_image_pixels)
     if limits is None:
         limits = [script_args.max_train_samples, script_args.max_eval_samples]
     datasets = []
@@ -81,10 +81,13 @@ def load_splits(script_args: VLMScriptArguments, splits: list[str | None], limit
         if not task.split_exists(data_dir, split):
             raise FileNotFoundError(f"Split {split!r} of task {task.name!r} not found in {data_dir}.")
         rows = task.load_rows(data_dir, split, image_base_dir, report)
+        if not rows:
+            # Under `skip` every row may have been left out: the reasons go into the error, or they would be lost.
+            raise DataError(f"No usable rows in split {split!r} of {data_dir}: {report.summary()}")
         limit = limits[position] if position < len(limits) else None
         if limit is not None:
             rows = rows[:limit]
-        datasets.append(build_dataset(rows))
+        datasets.append(build_dataset(rows, max_image_pixels=script_args.max_image_pixels))
     if report.skipped:
         logger.warning("%s", report.summary())
     return datasets, report

@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from ..data import BadRow, BadRowReport, resolve_image, write_text_atomically
+from ..data import BadRow, BadRowReport, DataError, decode_utf8_lines, resolve_image, write_text_atomically
 from .base import Task, register_task
 
 __all__ = [
@@ -472,7 +472,9 @@ def _pairs_from_folder(folder: Path) -> list[tuple[Path, str, str]]:
 
 
 # The task --------------------------------------------------------------------------------------------------------
-def _row_from_native(raw: Any, file: Path, index: int, split: str, image_base_dir: Path) -> dict[str, Any]:
+def _row_from_native(
+    raw: Any, file: Path, index: int, split: str, image_base_dir: Path, max_pixels: int | None
+) -> dict[str, Any]:
     """One native row as a training row, or a `BadRow` naming what is wrong."""
     if not isinstance(raw, dict):
         raise BadRow(file, index, f"expected a JSON object, got {type(raw).__name__}")
@@ -501,7 +503,7 @@ def _row_from_native(raw: Any, file: Path, index: int, split: str, image_base_di
         fen = position_json_to_fen(position)
     except ValueError as error:
         raise BadRow(file, index, f"assistant value is not a valid position JSON: {error}") from None
-    image = resolve_image(raw["image"], image_base_dir, file, index)
+    image = resolve_image(raw["image"], image_base_dir, file, index, max_pixels)
     # The image goes where the marker was, so that a prompt with text before the image keeps its order.
     before, after = (text.strip() for text in question.split(IMAGE_MARKER))
     user_content = [
@@ -528,24 +530,32 @@ class ChessTask(Task):
         self, data_dir: Path, split: str, image_base_dir: Path, report: BadRowReport
     ) -> list[dict[str, Any]]:
         """Rows `{"id", "images", "messages", "fen"}`; a bad row (its `row` is its 0-based index in the list) goes to
-        `report`. A file that is not a JSON list cannot be read row by row, so it raises instead."""
+        `report`. A file that is not a JSON list cannot be read row by row, so it raises a `DataError` naming the
+        file and the line instead."""
         file = self.split_file(data_dir, split)
         if not file.is_file():
             raise FileNotFoundError(f"Data file {file} not found.")
+        lines, problems = decode_utf8_lines(file.read_bytes())
+        if problems:
+            line = min(problems)
+            raise DataError(f"{file}, line {line}: {problems[line]}")
+        text = "".join(lines)
+        if not text.strip():
+            raise DataError(f"{file}: the file is empty; a chess data file holds a JSON list of rows.")
         try:
-            raw_rows = json.loads(file.read_text(encoding="utf-8"))
+            raw_rows = json.loads(text)
         except json.JSONDecodeError as error:
-            raise ValueError(
-                f"{file} is not valid JSON ({error.msg} at line {error.lineno}, column {error.colno})."
+            raise DataError(
+                f"{file}, line {error.lineno}: not valid JSON ({error.msg} at column {error.colno})"
             ) from None
         if not isinstance(raw_rows, list):
-            raise ValueError(f"{file} must hold a JSON list of rows, got a {type(raw_rows).__name__}.")
+            raise DataError(f"{file} must hold a JSON list of rows, got a {type(raw_rows).__name__}.")
         rows = []
         for index, raw in enumerate(raw_rows):
             try:
-                rows.append(_row_from_native(raw, file, index, split, Path(image_base_dir)))
+                rows.append(_row_from_native(raw, file, index, split, Path(image_base_dir), report.max_image_pixels))
             except BadRow as error:
-                report.handle(error)
+                report.handle(error.with_row_id(raw.get("id") if isinstance(raw, dict) else None))
         return rows
 
     def make_data(self, output_dir: Path, num: int, seed: int) -> None:

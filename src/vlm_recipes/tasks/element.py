@@ -154,9 +154,9 @@ class ElementTask(Task):
                     raise BadRow(file, line, f"unknown element {raw['element']!r}; expected one of {list(ELEMENTS)}")
                 if not isinstance(raw["reason"], str):
                     raise BadRow(file, line, "`reason` must be a string")
-                image = resolve_image(raw["image_path"], image_base_dir, file, line)
+                image = resolve_image(raw["image_path"], image_base_dir, file, line, report.max_image_pixels)
             except BadRow as error:
-                report.handle(error)
+                report.handle(error.with_row_id(raw.get("id")))
                 continue
             messages = [
                 {

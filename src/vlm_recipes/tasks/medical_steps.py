@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..data import BadRow, BadRowReport
+from ..data import DEFAULT_MAX_IMAGE_PIXELS, BadRow, BadRowReport, DataError, decode_utf8_lines, read_image_header
 from .base import Task, register_task
 
 logger = logging.getLogger(__name__)
@@ -281,37 +281,52 @@ class _Record:
     line: int
     cells: dict[str, str]
     problem: str | None = None
+    # The line a problem is on, when it is one line's (bytes that are not UTF-8) rather than the row's.
+    problem_line: int | None = None
 
 
 def _read_records(file: Path) -> tuple[list[_Record], bool]:
     """The records of `steps.csv` (blank lines skipped) and whether it has a `Step` column."""
     records = []
-    # `utf-8-sig`: spreadsheet exports often start with a byte-order mark that would stick to the first column name.
-    with file.open(encoding="utf-8-sig", newline="") as handle:
-        reader = csv.reader(handle)
-        header = [name.strip() for name in next(reader, [])]
-        missing = [name for name in REQUIRED_COLUMNS if name not in header]
-        if missing:
-            raise ValueError(
-                f"{file}: missing column(s) {missing}; found {header}. A medical_steps CSV needs the columns "
-                f"{list(REQUIRED_COLUMNS)} (and optionally `{STEP_COLUMN}`)."
+    # Decoded line by line, so that bytes that are not UTF-8 make their line's row bad, named by its line.
+    lines, undecodable = decode_utf8_lines(file.read_bytes())
+    if lines:
+        # Spreadsheet exports often start with a byte-order mark that would stick to the first column name.
+        lines[0] = lines[0].removeprefix("\ufeff")
+    if not any(line.strip() for line in lines):
+        raise DataError(f"{file}: the file is empty; a medical_steps CSV needs a header and one row per step.")
+    reader = csv.reader(lines)
+    header = [name.strip() for name in next(reader, [])]
+    if undecodable and min(undecodable) <= reader.line_num:
+        line = min(undecodable)
+        raise DataError(f"{file}, line {line}: {undecodable[line]}")
+    missing = [name for name in REQUIRED_COLUMNS if name not in header]
+    if missing:
+        raise DataError(
+            f"{file}: missing column(s) {missing}; found {header}. A medical_steps CSV needs the columns "
+            f"{list(REQUIRED_COLUMNS)} (and optionally `{STEP_COLUMN}`)."
+        )
+    previous_end = reader.line_num
+    for values in reader:
+        # A quoted cell may span lines: a record starts on the line after the previous one ended.
+        start, previous_end = previous_end + 1, reader.line_num
+        bad_lines = [line for line in range(start, previous_end + 1) if line in undecodable]
+        if bad_lines:
+            cells = dict(zip(header, values))
+            records.append(_Record(start, cells, undecodable[bad_lines[0]], problem_line=bad_lines[0]))
+            continue
+        if not values or all(not value.strip() for value in values):
+            continue
+        problem = None
+        if len(values) > len(header):
+            problem = (
+                f"{len(values)} fields for {len(header)} columns; quote the JSON cells (a comma inside an "
+                "unquoted cell splits it)"
             )
-        previous_end = reader.line_num
-        for values in reader:
-            # A quoted cell may span lines: a record starts on the line after the previous one ended.
-            start, previous_end = previous_end + 1, reader.line_num
-            if not values or all(not value.strip() for value in values):
-                continue
-            problem = None
-            if len(values) > len(header):
-                problem = (
-                    f"{len(values)} fields for {len(header)} columns; quote the JSON cells (a comma inside an "
-                    "unquoted cell splits it)"
-                )
-            elif len(values) < len(header):
-                absent = [name for name in header[len(values) :] if name in REQUIRED_COLUMNS or name == STEP_COLUMN]
-                problem = f"missing field(s) {absent}" if absent else None
-            records.append(_Record(start, dict(zip(header, values)), problem))
+        elif len(values) < len(header):
+            absent = [name for name in header[len(values) :] if name in REQUIRED_COLUMNS or name == STEP_COLUMN]
+            problem = f"missing field(s) {absent}" if absent else None
+        records.append(_Record(start, dict(zip(header, values)), problem))
     return records, STEP_COLUMN in header
 
 
@@ -326,13 +341,15 @@ def _parse_json_cell(record: _Record, column: str, allow_empty: bool = False) ->
         raise ValueError(f"`{column}` is not valid JSON ({reason}): {text[:60]!r}") from None
 
 
-def _resolve_image(image_id: str, image_folder: Path) -> str:
+def _resolve_image(image_id: str, image_folder: Path, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> str:
+    """The path of a step's image, its header checked (`read_image_header`), or a `ValueError` saying what is wrong."""
     if not image_id:
         raise ValueError("`Image_id` is empty")
     path = image_folder / image_id
     candidates = [path] if path.suffix else [path, *(path.with_name(path.name + suffix) for suffix in IMAGE_SUFFIXES)]
     for candidate in candidates:
         if candidate.is_file():
+            read_image_header(candidate, max_pixels)  # a `DataError` (a ValueError): unusable image
             return str(candidate)
     tried = " (also with .png/.jpg/.jpeg)" if len(candidates) > 1 else ""
     raise ValueError(f"image file {path}{tried} not found; check `Image_id` and `image_dir`")
@@ -493,7 +510,7 @@ class MedicalStepsTask(Task):
         splits = assign_splits(list(tasks), self.config.val_split, self.config.test_split, self.config.split_seed)
         # Tasks of other splits are checked too, into a report of their own: under `error` their bad rows stop the
         # load now (not after training, when the test split is read); under `skip` they count when their split loads.
-        others = BadRowReport(policy=report.policy)
+        others = BadRowReport(policy=report.policy, max_image_pixels=report.max_image_pixels)
         rows = []
         for task_id, steps in tasks.items():
             own = splits[task_id] == split
@@ -534,21 +551,32 @@ class MedicalStepsTask(Task):
                 if not isinstance(output, dict):
                     raise ValueError(f"`Output` must be a JSON object, got {type(output).__name__}")
                 grounding = _parse_json_cell(record, "Grounding", allow_empty=True)
-                image = _resolve_image(record.cells["Image_id"].strip(), image_folder)
+                image = _resolve_image(record.cells["Image_id"].strip(), image_folder, report.max_image_pixels)
             except ValueError as error:
                 problems[position] = str(error)
                 parsed.append(None)
                 continue
             parsed.append((goal, output, grounding, image))
         if problems:
+
+            def step_id(position: int) -> str | None:  # the id the row would have had
+                return _step_id(task_id, position) if task_id else None
+
             # The bad steps first, so that under `error` the raised row is the one to fix, not a bystander.
             for position in sorted(problems):
-                report.handle(BadRow(file, records[position].line, problems[position]))
+                record = records[position]
+                if record.problem_line is not None:  # the line's bytes are not UTF-8: it was never read as a row
+                    bad = BadRow(file, record.problem_line, problems[position], row_id=step_id(position), unit="line")
+                else:
+                    bad = BadRow(file, record.line, problems[position], row_id=step_id(position))
+                report.handle(bad)
             first_bad = records[min(problems)].line
             for position, record in enumerate(records):
                 if position not in problems:
                     reason = f"skipped with its task {task_id!r}: its step at row {first_bad} is bad, so this step's "
-                    report.handle(BadRow(file, record.line, reason + "memory would be wrong"))
+                    report.handle(
+                        BadRow(file, record.line, reason + "memory would be wrong", row_id=step_id(position))
+                    )
             return []
         key = int(task_id) if _is_integer(task_id) else task_id
         rows = []

@@ -47,10 +47,12 @@ class MessagesTask(Task):
                 images = raw.get("images") or []
                 if not isinstance(images, list):
                     raise BadRow(file, line_number, "`images` must be a list of paths")
-                images = [resolve_image(path, image_base_dir, file, line_number) for path in images]
+                images = [
+                    resolve_image(path, image_base_dir, file, line_number, report.max_image_pixels) for path in images
+                ]
                 check_messages(raw.get("messages"), len(images), file, line_number)
             except BadRow as error:
-                report.handle(error)
+                report.handle(error.with_row_id(raw.get("id")))
                 continue
             rows.append({"id": raw.get("id", f"{split}-{line_number}"), "images": images, "messages": raw["messages"]})
         return rows

@@ -43,7 +43,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..data import BadRow, BadRowReport, demo_split_sizes, read_jsonl, resolve_image, write_text_atomically
+from ..data import (
+    BadRow,
+    BadRowReport,
+    demo_split_sizes,
+    read_image_header,
+    read_jsonl,
+    resolve_image,
+    write_text_atomically,
+)
 from .base import Task, register_task
 
 __all__ = [
@@ -776,12 +784,14 @@ class UIActionsTask(Task):
         rows = []
         for line, raw in read_jsonl(file, report):
             try:
-                rows.append(self._row(raw, file, line, split, Path(image_base_dir)))
+                rows.append(self._row(raw, file, line, split, Path(image_base_dir), report.max_image_pixels))
             except BadRow as error:
-                report.handle(error)
+                report.handle(error.with_row_id(raw.get("id")))
         return rows
 
-    def _row(self, raw: dict[str, Any], file: Path, line: int, split: str, image_base_dir: Path) -> dict[str, Any]:
+    def _row(
+        self, raw: dict[str, Any], file: Path, line: int, split: str, image_base_dir: Path, max_pixels: int | None
+    ) -> dict[str, Any]:
         for key in ("image", "task", "action"):
             if key not in raw:
                 raise BadRow(file, line, f"missing key `{key}`")
@@ -792,8 +802,8 @@ class UIActionsTask(Task):
             bbox = validate_bbox(raw["target_bbox"]) if raw.get("target_bbox") is not None else None
         except ValueError as error:
             raise BadRow(file, line, str(error)) from None
-        image = resolve_image(raw["image"], image_base_dir, file, line)
-        image_size = _read_image_size(image, file, line)
+        image = resolve_image(raw["image"], image_base_dir, file, line, max_pixels)  # its header is checked
+        image_size = read_image_header(image, max_pixels=None).size
         if action["type"] == "click":
             width, height = image_size
             if not (0 <= action["x"] <= width and 0 <= action["y"] <= height):
@@ -868,13 +878,3 @@ class UIActionsTask(Task):
                 [x - radius, y - radius, x + radius, y + radius], outline=ANNOTATION_COLOURS["prediction"], width=2
             )
         return image
-
-
-def _read_image_size(path: str, file: Path, line: int) -> Size:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:  # reads the header only
-            return image.size
-    except (OSError, UnidentifiedImageError) as error:
-        raise BadRow(file, line, f"cannot read image {path}: {error}") from None
