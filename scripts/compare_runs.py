@@ -6,8 +6,10 @@ Usage:
 
 `--runs` reads output directories of `scripts/sft.py` (run_info.json or recipe.yaml, trainer_state.json,
 metrics.json, compute_report.json); `--project` reads runs from Weights & Biases through `wandb.Api` (needs a login
-and the network). The PNG holds the loss (and token-accuracy, learning-rate) curves and a bar chart of the final task
-metrics that lie in [0, 1].
+and the network). The table shows each run's effective value of every config key that differs: a resolved recipe
+leaves out the keys at their default, which are filled in (`vlm_recipes.comparison.effective_config`); `null` is a
+value, `-` a key the run does not have (not a recipe key, or another task's option). The PNG holds the loss (and
+token-accuracy, learning-rate) curves and a bar chart of the final task metrics that lie in [0, 1].
 """
 
 import argparse

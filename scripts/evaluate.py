@@ -2,12 +2,16 @@
 
 Usage:
     python scripts/evaluate.py --model_path DIR --recipe RECIPE.yaml [--split test] [--max_samples N]
-        [--batch_size B] [--base_model NAME_OR_DIR] [--baseline] --output_dir OUT
+        [--batch_size B] [--base_model NAME_OR_DIR] [--base_precision as_trained|unquantised] [--baseline]
+        --output_dir OUT
 
 Writes `predictions.csv` (id, target, prediction, per-example scores) and `metrics.json` into OUT and prints a table.
 With `--baseline`, the un-tuned base model (an adapter's base, `--base_model`, or else the recipe's
 `model_name_or_path`) is evaluated the same way into OUT/baseline/, and the table shows both side by side.
 Generation settings (`max_new_tokens`, `temperature`, `do_sample`) and the data come from the recipe.
+An adapter is evaluated on its base loaded as the recipe trained it (`--base_precision as_trained`: 4-bit for a QLoRA
+recipe), as `eval_after_train` evaluates it, or with `--base_precision unquantised` on the full-precision base, as
+`scripts/merge_adapter.py` merges it; the output says which.
 """
 
 import argparse
@@ -15,7 +19,13 @@ import sys
 from pathlib import Path
 
 from vlm_recipes.configs import RecipeError, parse_recipe
-from vlm_recipes.evaluation import adapter_base, evaluate_task, format_metrics_table, load_for_generation
+from vlm_recipes.evaluation import (
+    adapter_base,
+    base_precision,
+    evaluate_task,
+    format_metrics_table,
+    load_for_generation,
+)
 from vlm_recipes.tasks import task_from_args
 from vlm_recipes.training import load_splits
 
@@ -30,6 +40,12 @@ def main():
     parser.add_argument("--max_samples", type=int, default=None)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--base_model", default=None, help="Base model of an adapter (default: adapter_config.json).")
+    parser.add_argument(
+        "--base_precision",
+        choices=("as_trained", "unquantised"),
+        default="as_trained",
+        help="An adapter's base: loaded as the recipe trained it (default; 4-bit for QLoRA), or unquantised.",
+    )
     parser.add_argument("--baseline", action="store_true", help="Also evaluate the un-tuned base model.")
     parser.add_argument("--output_dir", required=True)
     args = parser.parse_args()
@@ -44,9 +60,17 @@ def main():
         "temperature": script_args.temperature,
         "do_sample": script_args.do_sample,
     }
-    model, processor = load_for_generation(args.model_path, args.base_model, training_args.trust_remote_code)
+    as_trained = args.base_precision == "as_trained"
+    model, processor = load_for_generation(
+        args.model_path,
+        args.base_model,
+        training_args.trust_remote_code,
+        quantized_as=(model_args, training_args) if as_trained else None,
+    )
     metrics = evaluate_task(model, processor, task, dataset, args.output_dir, **generation)
-    print(f"{script_args.task} on {split!r} ({len(dataset)} samples), model {args.model_path}:")
+    precision = base_precision(model_args) if as_trained else "unquantised"
+    where = f", on its {precision} base" if adapter_base(args.model_path) else ""
+    print(f"{script_args.task} on {split!r} ({len(dataset)} samples), model {args.model_path}{where}:")
     if not args.baseline:
         print(format_metrics_table(metrics))
         return

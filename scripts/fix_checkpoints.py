@@ -7,11 +7,18 @@ Usage:
     ... [--base_model NAME_OR_DIR] [--trust_remote_code]
 
 ROOT defaults to `outputs`. A checkpoint is a `checkpoint-*` directory or any directory holding model or adapter
-weights. It is broken when `AutoProcessor.from_pretrained(DIR)` alone fails, or loads wrong (no tokenizer files, no
+weights that training or `merge_adapter.py` wrote. Base models under ROOT (the demos' tiny models in
+`outputs/tiny-models/`, a downloaded model: not a `checkpoint-*`, and no `trainer_state.json`, `training_args.bin`,
+`recipe.yaml`, `run_info.json`, `adapter_config.json` or `merge_info.json` in the directory or its parent) are listed
+as `BASE (skipped)` and not judged: our saves add files for other tools that a base model need not have, and a base
+model has no base to repair it from. `--checkpoint DIR` judges DIR whatever it is.
+
+A checkpoint is broken when `AutoProcessor.from_pretrained(DIR)` alone fails, or loads wrong (no tokenizer files, no
 image processor, no chat template); incomplete when it lacks `preprocessor_config.json` or `generation_config.json`.
 Missing processor files are copied from the base model, found offline (local directory or HF cache) from
-`adapter_config.json` (`base_model_name_or_path`), `config.json` (`_name_or_path`, transformers 4) or the run's recipe
-(`recipe.yaml` or `run_info.json`: `model_name_or_path`), unless `--base_model` names it. Files the checkpoint already
+`adapter_config.json` (`base_model_name_or_path`), `merge_info.json` (`base_model`), `config.json` (`_name_or_path`,
+transformers 4) or the run's recipe (`recipe.yaml` or `run_info.json`: `model_name_or_path`), unless `--base_model`
+names it. Files the checkpoint already
 has are kept; the run's `min_pixels`/`max_pixels` are re-applied to a copied image-processor config.
 
 Saves that were interrupted are listed first (`UNFINISHED`): a `checkpoint-*` directory that lacks what resuming needs
@@ -28,7 +35,7 @@ import sys
 
 from transformers.utils import logging as transformers_logging
 
-from vlm_recipes.checkpoints import find_checkpoints, repair_checkpoint
+from vlm_recipes.checkpoints import find_checkpoints, is_base_model, repair_checkpoint
 from vlm_recipes.resume import unfinished_saves
 
 
@@ -52,12 +59,18 @@ def main() -> int:
     counts = {}
     unfinished = unfinished_saves(root) if root else []
     directories = [directory for directory in directories if directory not in {path for path, _ in unfinished}]
+    base_models = [directory for directory in directories if is_base_model(directory)] if root else []
+    directories = [directory for directory in directories if directory not in base_models]
+    for directory in base_models:
+        print(f"{'BASE (skipped)':<16} {directory}")
+        print(f"{'':<16}   found: a base model, not written by training or merge_adapter.py (see --help)")
     for directory, reason in unfinished:
         counts["unfinished"] = counts.get("unfinished", 0) + 1
         print(f"{'UNFINISHED':<16} {directory}")
         print(f"{'':<16}   found: {reason}; resuming skips it")
+    skipped = f" ({len(base_models)} base model(s) skipped)" if base_models else ""
     if not directories and not counts:
-        print(f"no checkpoints under {root}")
+        print(f"no checkpoints under {root}{skipped}")
         return 0
 
     for directory in directories:
@@ -77,7 +90,7 @@ def main() -> int:
         elif report.attempted:
             print(f"{'':<16}   verified: AutoProcessor.from_pretrained loads {type(report.after.processor).__name__}")
     summary = ", ".join(f"{count} {status}" for status, count in counts.items())
-    print(f"{len(directories)} checkpoint(s): {summary}")
+    print(f"{len(directories)} checkpoint(s): {summary}{skipped}")
     return 0 if set(counts) <= {"ok", "fixed"} else 1
 
 

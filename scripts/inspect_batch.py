@@ -4,7 +4,8 @@ Usage:
     python scripts/inspect_batch.py RECIPE.yaml [--index 0] [--split train] [--key value ...]
 
 Use it when a run learns nothing or too much: every assistant token and the end-of-turn token should read
-"supervised"; image, system and user tokens "masked".
+"supervised"; image, system and user tokens "masked". A system prompt that the chat template adds on its own
+(Qwen2-VL's "You are a helpful assistant." when the data has none) reads "masked: system turn" too.
 """
 
 import argparse

@@ -7,8 +7,9 @@ Usage:
 The base model (from the adapter's `adapter_config.json`, or `--base_model`) is reloaded unquantised, so an adapter
 trained with QLoRA (`load_in_4bit`) merges into the full-precision weights. `--dtype` defaults to the dtype of the
 training run (the `dtype` the base was loaded in, from the run's `recipe.yaml` or `run_info.json`), else float32. The
-output holds the merged weights, the processor files (from the adapter directory, else the base) and the generation
-config; it is written beside OUTPUT and renamed into place when complete.
+output holds the merged weights, the processor files (from the adapter directory, else the base), the generation
+config and `merge_info.json` (adapter, base model, dtype); it is written beside OUTPUT and renamed into place when
+complete, with the file modes of your umask.
 """
 
 import argparse

@@ -12,6 +12,7 @@ Command-line keys override the recipe file. Keys are fields of `vlm_recipes.conf
 import logging
 import math
 import sys
+from pathlib import Path
 
 import transformers
 
@@ -27,9 +28,17 @@ from vlm_recipes.distributed import (
     with_image_in_every_batch,
     without_zero3_sharding,
 )
-from vlm_recipes.evaluation import evaluate_task, format_metrics_table
+from vlm_recipes.evaluation import base_precision, evaluate_task, format_metrics_table, load_for_generation
 from vlm_recipes.lengths import apply_data_loading_defaults, prepare_lengths
-from vlm_recipes.models import VLMSFTTrainer, load_model, load_processor, peft_config_for
+from vlm_recipes.models import (
+    ModelNotAvailableError,
+    VLMSFTTrainer,
+    check_model_available,
+    load_model,
+    load_processor,
+    peft_config_for,
+)
+from vlm_recipes.quiet import configure_logging
 from vlm_recipes.reporting import start_run_tracking
 from vlm_recipes.resume import CheckpointError, resolve_resume_checkpoint
 from vlm_recipes.tasks import task_from_args
@@ -42,7 +51,7 @@ def main(script_args, training_args, model_args):
     ################
     # Logging
     ################
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    configure_logging()  # each library's lines once; the known noise of our libraries silenced (vlm_recipes.quiet)
     transformers.utils.logging.set_verbosity_warning()
     check_launch(training_args)  # N launched processes that would not train together stop here, with the fix
     # Our collator needs the raw `images` and `messages` columns; it does its own (untruncated) tokenization.
@@ -59,6 +68,9 @@ def main(script_args, training_args, model_args):
     ################
     # Data
     ################
+    if not script_args.tiny_model_family:  # a demo builds its tiny model below
+        # An unknown model id or an unreachable hub stops here in seconds, naming the model and the fix.
+        check_model_available(model_args.model_name_or_path, model_args.model_revision)
     ensure_demo_inputs(script_args, model_args.model_name_or_path)
     eval_split = script_args.eval_split if training_args.eval_strategy != "no" else None
     (train_dataset, eval_dataset), bad_rows = load_splits(script_args, [script_args.dataset_train_split, eval_split])
@@ -149,20 +161,36 @@ def main(script_args, training_args, model_args):
         (test_dataset,), _ = load_splits(
             script_args, [script_args.generation_split], limits=[script_args.generation_max_samples]
         )
+        generation = {
+            "batch_size": training_args.per_device_eval_batch_size,
+            "max_new_tokens": script_args.max_new_tokens,
+            "temperature": script_args.temperature,
+            "do_sample": script_args.do_sample,
+        }
+        task = task_from_args(script_args)
         with without_zero3_sharding():  # ZeRO-3/FSDP: the saved model, reloaded whole; generation on this process
             metrics = evaluate_task(
                 model_for_generation(trainer, training_args.output_dir, training_args.trust_remote_code),
                 processor,
-                task_from_args(script_args),
+                task,
                 test_dataset,
                 training_args.output_dir,
-                batch_size=training_args.per_device_eval_batch_size,
-                max_new_tokens=script_args.max_new_tokens,
-                temperature=script_args.temperature,
-                do_sample=script_args.do_sample,
+                **generation,
             )
-        print(f"evaluation on {script_args.generation_split!r} by generation:")
-        print(format_metrics_table(metrics))
+        on_base = f", the adapter on its {base_precision(model_args)} base as trained" if peft_config else ""
+        print(f"evaluation on {script_args.generation_split!r} by generation{on_base}:")
+        if script_args.tiny_model_family:
+            # A demo: its untrained tiny model is small and still on disk, so evaluating it too costs seconds and shows
+            # what training changed, the way `scripts/evaluate.py --baseline` does (into output_dir/baseline/).
+            base = model_args.model_name_or_path
+            base_model, base_processor = load_for_generation(base, trust_remote_code=training_args.trust_remote_code)
+            baseline_dir = Path(training_args.output_dir) / "baseline"
+            baseline = evaluate_task(
+                base_model, base_processor, task, test_dataset, baseline_dir, log_to_run=False, **generation
+            )
+            print(format_metrics_table(metrics, baseline, names=("trained", "untrained")))
+        else:
+            print(format_metrics_table(metrics))
     tracking.finish()  # closes the W&B run, if any, with the evaluation in it
 
 
@@ -185,6 +213,6 @@ def verify_saved_model(output_dir, is_adapter):
 if __name__ == "__main__":
     try:
         main(*parse_recipe())
-    except (RecipeError, DataError, CheckpointError, FileNotFoundError) as error:
+    except (RecipeError, DataError, CheckpointError, ModelNotAvailableError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -3,7 +3,9 @@ check_models.py. The end-to-end tests train two 4-step runs of `scripts/sft.py` 
 
 import contextlib
 import json
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from vlm_recipes.checkpoints import (
     demo_image,
     diagnose_checkpoint,
     discover_model_dirs,
+    is_base_model,
     merge_adapter,
     repair_checkpoint,
     save_processor_files,
@@ -23,7 +26,7 @@ from vlm_recipes.collator import normalize_messages
 from vlm_recipes.tasks import get_task
 from vlm_recipes.tiny import build_tiny_model
 
-from conftest import run_script
+from conftest import REPO_ROOT, run_script
 
 RUN_DIRS = ("checkpoint-2", "checkpoint-4", ".")
 PROMPT = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the shape?"}]}]
@@ -114,6 +117,16 @@ def assert_same_processor(directory, reference):
 def break_checkpoint(directory: Path, *names: str) -> None:
     for name in names:
         (directory / name).unlink()
+
+
+def fake_run(base_model: Path, run_dir: Path) -> Path:
+    """A run's final output as far as the tools can tell, without training: the base's weights and processor, the
+    files a save adds (`preprocessor_config.json`, generation config), `recipe.yaml` and `trainer_state.json`."""
+    shutil.copytree(base_model, run_dir)
+    save_processor_files(run_dir, AutoProcessor.from_pretrained(base_model), only_missing=True)
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump({"model_name_or_path": str(base_model), "task": "shapes"}))
+    (run_dir / "trainer_state.json").write_text(json.dumps({"global_step": 4, "log_history": []}))
+    return run_dir
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -258,6 +271,48 @@ def test_fix_one_checkpoint_from_config_name_or_path(full_run, base_model, tmp_p
     assert_same_processor(directory, AutoProcessor.from_pretrained(base_model))
 
 
+def test_base_models_are_skipped_and_runs_still_checked(base_model, tmp_path):
+    """After the demos, `outputs/` holds their tiny base models beside the runs: the base models are no checkpoints
+    (`build_tiny_model` writes no `preprocessor_config.json`, and nothing records a base for them)."""
+    outputs = tmp_path / "outputs"
+    tiny = outputs / "tiny-models" / "qwen2_vl"
+    shutil.copytree(base_model, tiny)
+    assert not (tiny / "preprocessor_config.json").exists()
+    run = fake_run(base_model, outputs / "demo" / "shapes_qwen2vl")
+
+    listed = run_script(["scripts/fix_checkpoints.py", "--list-broken", str(outputs)])
+    assert listed.returncode == 0, listed.stdout + listed.stderr[-2000:]
+    assert statuses(listed.stdout) == {str(tiny): "BASE (skipped)", str(run): "OK"}, listed.stdout
+    assert "1 checkpoint(s): 1 ok (1 base model(s) skipped)" in listed.stdout
+
+    # A run's output is judged as before: without preprocessor_config.json it is incomplete.
+    break_checkpoint(run, "preprocessor_config.json")
+    listed = run_script(["scripts/fix_checkpoints.py", "--list-broken", str(outputs)])
+    assert listed.returncode == 1, listed.stdout + listed.stderr[-2000:]
+    assert statuses(listed.stdout) == {str(tiny): "BASE (skipped)", str(run): "INCOMPLETE"}, listed.stdout
+
+
+class TestIsBaseModel:
+    @pytest.mark.parametrize(
+        ("files", "directory", "expected"),
+        [
+            ({"tiny/config.json"}, "tiny", True),
+            ({"run/config.json", "run/recipe.yaml"}, "run", False),
+            ({"run/config.json", "run/run_info.json"}, "run", False),
+            ({"run/config.json", "run/trainer_state.json", "run/training_args.bin"}, "run", False),
+            ({"run/checkpoint-2/config.json"}, "run/checkpoint-2", False),
+            ({"run/run_info.json", "run/extra/config.json"}, "run/extra", False),
+            ({"adapter/adapter_config.json"}, "adapter", False),
+            ({"merged/config.json", "merged/merge_info.json"}, "merged", False),
+        ],
+    )
+    def test_only_what_training_or_merging_did_not_write(self, files, directory, expected, tmp_path):
+        for name in files:
+            (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / name).write_text("{}")
+        assert is_base_model(tmp_path / directory) is expected
+
+
 class TestRepairCheckpoint:
     def test_without_a_base_it_stays_broken_and_says_why(self, base_model, tmp_path):
         directory = tmp_path / "adapter"
@@ -380,6 +435,28 @@ def test_qlora_adapter_merges_into_the_unquantised_base(base_model, tmp_path):
         merge_adapter(tmp_path / "adapter", tmp_path / "merged")
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=lambda mask: f"umask-{mask:03o}")
+def test_merged_model_has_the_users_file_modes(umask, base_model, tmp_path):
+    """Not mkdtemp's 0o700 staging directory nor safetensors' 0o600 weights: what `open` would create."""
+    from peft import LoraConfig, get_peft_model
+
+    model = AutoModelForImageTextToText.from_pretrained(base_model)
+    get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path / "adapter")
+    previous = os.umask(umask)
+    try:
+        merged = merge_adapter(tmp_path / "adapter", tmp_path / "merged")
+    finally:
+        os.umask(previous)
+    entries = [merged, *merged.rglob("*")]
+    assert {entry.name: stat.S_IMODE(entry.stat().st_mode) for entry in entries} == {
+        entry.name: (0o777 if entry.is_dir() else 0o666) & ~umask for entry in entries
+    }
+    assert "model.safetensors" in {entry.name for entry in entries}
+    info = json.loads((merged / "merge_info.json").read_text())
+    assert info["base_model"] == str(base_model) and info["dtype"] == "float32"
+    assert not is_base_model(merged)  # check_models.py finds it under outputs/
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # check_models.py
 # --------------------------------------------------------------------------------------------------------------------
@@ -387,6 +464,7 @@ class TestDiscoverModelDirs:
     def test_finds_models_and_adapters_but_not_checkpoints_or_hidden(self, tmp_path):
         for name, file in [
             ("a", "config.json"),
+            ("a", "recipe.yaml"),
             ("group/b", "adapter_config.json"),
             ("a/checkpoint-2", "config.json"),
             (".staging/c", "config.json"),
@@ -396,6 +474,32 @@ class TestDiscoverModelDirs:
             (tmp_path / name / file).write_text("{}")
         assert discover_model_dirs([tmp_path]) == [tmp_path / "a", tmp_path / "group" / "b"]
         assert tmp_path / "a" / "checkpoint-2" in discover_model_dirs([tmp_path], include_checkpoints=True)
+
+    def test_base_models_only_when_asked_or_named(self, tmp_path):
+        for name, file in [("tiny-models/qwen2_vl", "config.json"), ("run", "config.json"), ("run", "recipe.yaml")]:
+            (tmp_path / name).mkdir(parents=True, exist_ok=True)
+            (tmp_path / name / file).write_text("{}")
+        tiny = tmp_path / "tiny-models" / "qwen2_vl"
+        assert discover_model_dirs([tmp_path]) == [tmp_path / "run"]
+        assert discover_model_dirs([tmp_path], include_base_models=True) == [tmp_path / "run", tiny]
+        assert discover_model_dirs([tiny]) == [tiny]  # a model directory named is always checked
+
+
+@pytest.mark.slow
+def test_check_models_defaults_to_the_trained_models_under_outputs(base_model, tmp_path):
+    tiny = tmp_path / "outputs" / "tiny-models" / "qwen2_vl"
+    shutil.copytree(base_model, tiny)
+    fake_run(base_model, tmp_path / "outputs" / "demo" / "shapes_qwen2vl")
+    script = str(REPO_ROOT / "scripts" / "check_models.py")
+    result = run_script([script, "--max_new_tokens", "4"], cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    rows = [line.split()[0] for line in result.stdout.splitlines() if line.startswith("outputs/")]
+    assert rows == ["outputs/demo/shapes_qwen2vl"], result.stdout
+    assert "1 model(s): 1 ok, 0 failed" in result.stdout
+
+    shutil.rmtree(tmp_path / "outputs" / "demo")
+    result = run_script([script], cwd=tmp_path)
+    assert result.returncode == 2 and "1 base model(s) skipped (--include_base_models" in result.stderr, result.stderr
 
 
 @pytest.mark.slow

@@ -584,6 +584,41 @@ class TestExplain:
         assert {LabelReason.SYSTEM, LabelReason.USER, LabelReason.IMAGE, LabelReason.ASSISTANT} <= reasons
         assert LabelReason.PROMPT_CUE in reasons
 
+    @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+    def test_templates_default_system_prompt_is_a_system_turn_tiny(self, family, tiny_model_dirs):
+        assert_default_system_prompt_is_a_system_turn(tiny_processor(tiny_model_dirs, family))
+
+    @requires_real_processor("qwen2-vl")
+    @requires_real_processor("qwen2.5-vl")
+    @pytest.mark.parametrize("name", ["qwen2-vl", "qwen2.5-vl"])
+    def test_templates_default_system_prompt_is_a_system_turn_real(self, name):
+        assert_default_system_prompt_is_a_system_turn(real_processor(name))
+
+    @pytest.mark.parametrize("family", ["qwen3_vl", "smolvlm", "idefics2", "llava"])
+    def test_no_system_turn_where_the_template_adds_none(self, family, tiny_model_dirs):
+        collator = VisionChatCollator(tiny_processor(tiny_model_dirs, family))
+        reasons = [reason for *_, reason in collator.explain(conversations()[0])]
+        assert LabelReason.SYSTEM not in reasons
+        assert LabelReason.USER in reasons
+
+
+def assert_default_system_prompt_is_a_system_turn(processor):
+    """Qwen2-VL's template opens a conversation without a system message with its own: those tokens read "system",
+    the user's own "user"."""
+    collator = VisionChatCollator(processor)
+    example = conversations()[0]  # no system message
+    explained = collator.explain(example)
+    by_reason = {}
+    for token_id, _, _, reason in explained:
+        by_reason.setdefault(reason, []).append(token_id)
+    system = processor.tokenizer.decode(by_reason[LabelReason.SYSTEM])
+    assert system == "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    assert explained[0][3] == LabelReason.SYSTEM
+    user_text = processor.tokenizer.decode(by_reason[LabelReason.USER])
+    assert user_text.startswith("<|im_start|>user\n") and "What is this?" in user_text and "system" not in user_text
+    # The labels themselves are unchanged: only assistant tokens are supervised.
+    assert [label for *_, label, _ in explained] == collator([example])["labels"][0].tolist()
+
 
 def collate_a_first_batch(collator):
     """`collator` on a first batch with images, other than `conversations()`: it decides how `mm_token_type_ids` are

@@ -334,4 +334,4 @@ def test_every_shipped_recipe_parses(recipe):
         script_args, _, _ = parse_recipe([str(recipe)])
     else:
         script_args, _, _ = parse_recipe([str(recipe), "--bf16", "false", "--use_cpu", "true"])
-    assert script_args.task != "messages", recipe
+    assert script_args.task == read_recipe_file(recipe)["task"], recipe  # the recipe's own task, not the default

@@ -2,7 +2,6 @@
 report against the trainer's own log and the collator, and the comparison of runs (table and PNG)."""
 
 import json
-import math
 import re
 import struct
 import subprocess
@@ -20,6 +19,7 @@ from vlm_recipes.comparison import (
     differing_config,
     final_metrics,
     format_comparison,
+    load_local_run,
     plot_comparison,
     wandb_runs,
 )
@@ -279,6 +279,38 @@ class TestComparison:
         assert re.search(r"learning_rate\s+0\.001\s+0\.005", table), table
         assert not re.search(r"^task\s", table, re.MULTILINE)  # keys equal in every run are left out
 
+    def test_keys_left_at_their_default_show_it(self, tmp_path):
+        """`recipe.yaml` and `run_info.json` hold only the keys that differ from their defaults: a key one run leaves
+        at its default shows that default, and `null` equals an absent key whose default is null."""
+        (tmp_path / "a").mkdir()
+        (tmp_path / "b").mkdir()
+        recipe_a = {"task": "ui_actions", "learning_rate": 1e-3, "lora_r": 8, "coordinate_system": "normalized"}
+        recipe_a |= {"few_shot_examples": None, "max_pixels": None}  # null; absent from b, whose default is null
+        (tmp_path / "a" / "recipe.yaml").write_text(yaml.safe_dump(recipe_a))
+        recipe_b = {"task": "ui_actions", "learning_rate": 5e-3, "action_format": "json"}
+        (tmp_path / "b" / "run_info.json").write_text(json.dumps({"run_name": "b", "recipe": recipe_b}))
+        runs = [load_local_run(tmp_path / "a"), load_local_run(tmp_path / "b")]
+        assert differing_config(runs) == {
+            "action_format": ["text", "json"],  # the ui_actions option's default
+            "coordinate_system": ["normalized", "absolute"],
+            "learning_rate": [1e-3, 5e-3],
+            "lora_r": [8, 16],  # TRL's ModelConfig default
+        }
+        table = format_comparison(runs)
+        assert re.search(r"^lora_r\s+8\s+16$", table, re.MULTILINE), table
+        assert "few_shot_examples" not in table and "max_pixels" not in table
+
+    def test_null_and_absent_keys_without_a_default(self):
+        runs = [
+            RunRecord(name="a", config={"task": "element", "custom": None, "max_pixels": 1024}),
+            RunRecord(name="b", config={"task": "ui_actions", "few_shot_examples": "shots.json"}),
+        ]
+        # `custom` is no recipe key and `few_shot_examples` no option of task element: "-", not a default.
+        table = format_comparison(runs)
+        assert re.search(r"^custom\s+null\s+-$", table, re.MULTILINE), table
+        assert re.search(r"^few_shot_examples\s+-\s+shots\.json$", table, re.MULTILINE), table
+        assert re.search(r"^max_pixels\s+1024\s+null$", table, re.MULTILINE), table
+
     def test_plot_writes_a_png(self, tmp_path):
         path = plot_comparison(records(), tmp_path / "plots" / "compare.png")
         assert path.read_bytes()[:8] == PNG_MAGIC and not list(path.parent.glob(".*.tmp"))
@@ -396,7 +428,8 @@ class TestTrainingRuns:
         summary = run["summary"]
         for key, value in metrics.items():
             logged = summary[f"eval/ui_actions/{key}"]
-            assert (logged is None and math.isnan(value)) or logged == pytest.approx(value), key
+            # metrics.json is strict JSON: a mean over no example (NaN in memory) is null there and in W&B.
+            assert (logged is None and value is None) or logged == pytest.approx(value), key
         report = json.loads((output / "compute_report.json").read_text())
         assert summary["compute/tokens_seen"] == report["tokens_seen"]
         # The table of sample predictions, with the screenshots drawn on (the target box in green).

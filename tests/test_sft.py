@@ -183,6 +183,24 @@ def test_lora_trains_language_model_only(tmp_path, tiny_model_dirs, shapes_data)
     assert f"baseline ({model_dir})" in result.stdout
 
 
+def test_qlora_evaluation_after_training_and_evaluate_py_agree(tmp_path, tiny_model_dirs, shapes_data):
+    """Both evaluate the adapter on the base as it trained (4-bit), and say so: the same metrics."""
+    output = tmp_path / "qlora"
+    keys = {"use_peft": True, "load_in_4bit": True, "lora_r": 4, "eval_after_train": True}
+    keys |= {"generation_max_samples": 4, "max_new_tokens": 4, "per_device_eval_batch_size": 2}
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dirs["qwen2_vl"], shapes_data, output, **keys)
+    result = run_script(["scripts/sft.py", str(recipe)])
+    assert result.returncode == 0, result.stderr[-4000:]
+    after_training = json.loads((output / "metrics.json").read_text())["metrics"]
+
+    evaluation = tmp_path / "eval"
+    arguments = ["--model_path", str(output), "--recipe", str(recipe), "--max_samples", "4", "--batch_size", "2"]
+    result = run_script(["scripts/evaluate.py", *arguments, "--output_dir", str(evaluation)])
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert f"model {output}, on its 4-bit nf4 base:" in result.stdout
+    assert json.loads((evaluation / "metrics.json").read_text())["metrics"] == after_training
+
+
 def test_too_long_drop_is_counted_and_reported(tmp_path, tiny_model_dirs, shapes_data):
     from vlm_recipes.collator import VisionChatCollator
     from vlm_recipes.configs import VLMScriptArguments
@@ -231,7 +249,9 @@ def readme_commands(section):
 def test_readme_demo_command_runs(tmp_path):
     (command,) = readme_commands("Demo")
     assert command.startswith("python scripts/sft.py recipes/demo/")
+    # The recipe's model, data and output paths are relative to the checkout: the test's go under tmp_path.
     args = command.split()[1:] + ["--output_dir", str(tmp_path / "demo")]
+    args += ["--model_name_or_path", str(tmp_path / "tiny"), "--dataset_path", str(tmp_path / "data")]
     result = run_script(args, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     assert math.isfinite(final_loss(result.stdout))

@@ -9,7 +9,8 @@ The tools:
 
 - `scripts/fix_checkpoints.py`: `find_checkpoints`, `diagnose_checkpoint` and `repair_checkpoint` find directories
   whose processor does not load alone and copy the missing files from the base model (a local directory or the HF
-  cache, found by `resolve_base_model`);
+  cache, found by `resolve_base_model`); `is_base_model` tells the base models that lie among them (the demos' tiny
+  models) from what training wrote;
 - `scripts/merge_adapter.py`: `merge_adapter` merges a LoRA adapter into its base reloaded unquantised;
 - `scripts/check_models.py`: `discover_model_dirs` and `check_model` load each model and answer one fixed prompt
   about one fixed image; `format_model_table` prints the results.
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .families import detect_family, model_class_for
+from .file_modes import apply_user_modes
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +49,7 @@ __all__ = [
     "discover_model_dirs",
     "find_checkpoints",
     "format_model_table",
+    "is_base_model",
     "merge_adapter",
     "repair_checkpoint",
     "resolve_base_model",
@@ -89,6 +92,20 @@ WEIGHT_FILE_NAMES = (
     "adapter_model.bin",
 )
 _STAGING_PREFIX = ".processor-files-"
+# Written by `merge_adapter` beside the merged weights: where they came from.
+MERGE_INFO_NAME = "merge_info.json"
+# Files that only training or merging writes. A run's final output holds all of `trainer_state.json`,
+# `training_args.bin`, `recipe.yaml` and `run_info.json` (the last from the start of the run), each `checkpoint-*` the
+# first two, a LoRA adapter `adapter_config.json`, a merged model `merge_info.json`. A base model (a hub download,
+# `vlm_recipes.tiny.build_tiny_model`'s output) holds none of them.
+TRAINING_OUTPUT_FILE_NAMES = (
+    "trainer_state.json",
+    "training_args.bin",
+    "recipe.yaml",
+    "run_info.json",
+    "adapter_config.json",
+    MERGE_INFO_NAME,
+)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -147,6 +164,21 @@ def save_processor_files(
 # --------------------------------------------------------------------------------------------------------------------
 def _is_checkpoint_dir(directory: Path) -> bool:
     return directory.name.startswith("checkpoint-") or any((directory / name).is_file() for name in WEIGHT_FILE_NAMES)
+
+
+def is_base_model(directory: str | Path) -> bool:
+    """Whether a model directory is a base model rather than the output of a training run or of `merge_adapter`.
+
+    It is one when it is not a `checkpoint-*` directory and neither it nor its parent (the run of a checkpoint) holds
+    a file of `TRAINING_OUTPUT_FILE_NAMES`. Such a directory was never saved by our trainer, so the files that our
+    saves add for other tools (`preprocessor_config.json`) are no fault of it, and it has no base to repair it from.
+    """
+    directory = Path(directory)
+    if directory.name.startswith("checkpoint-"):
+        return False
+    return not any(
+        (folder / name).is_file() for folder in (directory, directory.parent) for name in TRAINING_OUTPUT_FILE_NAMES
+    )
 
 
 def find_checkpoints(root: str | Path) -> list[Path]:
@@ -286,13 +318,15 @@ def _run_recipe(directory: Path) -> tuple[dict[str, Any], Path | None]:
 
 
 def _base_candidates(directory: Path) -> list[tuple[str, str]]:
-    """(name, where it was read) in order of trust: the adapter's own record, the model config, the run's recipe."""
+    """(name, where it was read) in order of trust: the adapter's or merge's own record, the model config, the run's
+    recipe."""
     candidates = []
-    adapter_config = directory / "adapter_config.json"
-    if adapter_config.is_file():
-        name = json.loads(adapter_config.read_text(encoding="utf-8")).get("base_model_name_or_path")
-        if name:
-            candidates.append((name, f"{adapter_config} `base_model_name_or_path`"))
+    for record, key in (("adapter_config.json", "base_model_name_or_path"), (MERGE_INFO_NAME, "base_model")):
+        path = directory / record
+        if path.is_file():
+            name = json.loads(path.read_text(encoding="utf-8")).get(key)
+            if name:
+                candidates.append((name, f"{path} `{key}`"))
     config = directory / "config.json"
     if config.is_file():
         # transformers 4 wrote `_name_or_path` (the path the model was loaded from); transformers 5 no longer does.
@@ -547,8 +581,9 @@ def merge_adapter(
 
     The base is reloaded **unquantised** (an adapter trained with QLoRA merges into the full-precision base), on CPU,
     in `dtype` (default: `default_merge_dtype`). The processor comes from the adapter directory when it loads there
-    alone, else from the base; the generation config likewise. Everything is written into a temporary directory
-    beside `output_dir` and renamed into place at the end.
+    alone, else from the base; the generation config likewise; `merge_info.json` records the adapter, the base and
+    the dtype. Everything is written into a temporary directory beside `output_dir`, given the modes of the user's
+    umask (see `vlm_recipes.file_modes`) and renamed into place at the end.
 
     Returns:
         `output_dir`, which loads with `AutoModelForImageTextToText.from_pretrained` and `AutoProcessor`.
@@ -598,6 +633,14 @@ def merge_adapter(
     try:
         merged.save_pretrained(staging)
         save_processor_files(staging, processor, generation_config)
+        merge_info = {
+            "adapter": str(adapter_dir),
+            "base_model": base.name,
+            "base_path": str(base.path),
+            "dtype": dtype,
+        }
+        (staging / MERGE_INFO_NAME).write_text(json.dumps(merge_info, indent=2) + "\n", encoding="utf-8")
+        apply_user_modes(staging)  # mkdtemp made it 0o700, safetensors its weights 0o600
         _replace_directory(staging, output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -627,10 +670,15 @@ def _is_model_dir(directory: Path) -> bool:
     return (directory / "config.json").is_file() or (directory / "adapter_config.json").is_file()
 
 
-def discover_model_dirs(paths: list[str | Path], include_checkpoints: bool = False) -> list[Path]:
+def discover_model_dirs(
+    paths: list[str | Path], include_checkpoints: bool = False, include_base_models: bool = False
+) -> list[Path]:
     """Model directories (with `config.json` or `adapter_config.json`) among and under `paths`, in order.
 
-    Hidden directories are skipped, and so are `checkpoint-*` directories unless `include_checkpoints`.
+    A path that is itself a model directory is always taken. Under it, hidden directories are skipped, and so are
+    `checkpoint-*` directories unless `include_checkpoints`, and base models (`is_base_model`: the demos' tiny models
+    under `outputs/tiny-models/`, a downloaded model) unless `include_base_models`: what is left is what training
+    and merging wrote.
     """
     found: list[Path] = []
     for root in map(Path, paths):
@@ -642,8 +690,11 @@ def discover_model_dirs(paths: list[str | Path], include_checkpoints: bool = Fal
                 for name in subdirectories
                 if not name.startswith(".") and (include_checkpoints or not name.startswith("checkpoint-"))
             )
-            if _is_model_dir(Path(current)) and Path(current) not in found:
-                found.append(Path(current))
+            current = Path(current)
+            if not _is_model_dir(current) or current in found:
+                continue
+            if current == root or include_base_models or not is_base_model(current):
+                found.append(current)
     return found
 
 

@@ -416,11 +416,44 @@ class VisionChatCollator:
                 regions.append((previous_end, len(prompt), "assistant_cue"))
                 regions.append((len(prompt), len(through_turn), "assistant"))
             else:
-                regions.append((previous_end, len(through_turn), message["role"]))
+                start = previous_end
+                if turn == 0 and message["role"] != "system":
+                    start = self._injected_system_turn_end(message, through_turn)
+                    if start:
+                        regions.append((0, start, "system"))
+                regions.append((start, len(through_turn), message["role"]))
             previous_end = len(through_turn)
         row = _RenderedRow(name=name, text=text, images=images, assistant_spans=spans, message_regions=regions)
         self._close_assistant_turns(row)
         return row
+
+    def _injected_system_turn_end(self, first_message: dict[str, Any], through_first: str) -> int:
+        """Where a system turn that the template adds on its own ends in `through_first` (the conversation rendered
+        through its first message, not a system one), or 0 when the template adds none. For `explain` only.
+
+        Qwen2-VL's and Qwen2.5-VL's templates open a conversation without a system message with their own
+        (`<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n`): those tokens are a system turn, not the
+        user's. The template's system turn is found by rendering one of our own
+        around a marker text: what comes before the first message is a system turn when it has that turn's opening
+        and closing text around it; template text that any conversation starts with (SmolVLM's `<|im_start|>`)
+        does not.
+        """
+        marker = "vlm-recipes-system-turn-marker"
+        system = {"role": "system", "content": [{"type": "text", "text": marker}]}
+        try:
+            system_only = self._render([system])
+            with_system = self._render([system, first_message])
+        except TemplateError:  # a template that takes no system turn adds none either
+            return 0
+        if marker not in system_only or not with_system.startswith(system_only):
+            return 0
+        first_turn = with_system[len(system_only) :]
+        if not first_turn or not through_first.endswith(first_turn):
+            return 0
+        before_first = through_first[: len(through_first) - len(first_turn)]
+        opening, closing = system_only.split(marker, 1)
+        wrapped = before_first.startswith(opening) and before_first.endswith(closing)
+        return len(before_first) if wrapped and len(before_first) >= len(opening) + len(closing) else 0
 
     def _close_assistant_turns(self, row: _RenderedRow) -> None:
         """Append `eos_token` to assistant turns that the template leaves without an end-of-turn token."""

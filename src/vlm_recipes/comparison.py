@@ -2,11 +2,14 @@
 a W&B project, through `wandb.Api`) give `RunRecord`s of the same shape, which `format_comparison` turns into a table
 of the config keys that differ and the final metrics, and `plot_comparison` into a PNG of curves and task metrics.
 
-Light on imports (no torch, no transformers), so that `scripts/compare_runs.py` starts fast.
+Light on imports (no torch, no transformers), so that `scripts/compare_runs.py` starts fast; the recipe defaults
+(`vlm_recipes.configs`, which imports TRL) are imported only when the runs' recipes do not hold the same keys.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import math
 import os
@@ -20,6 +23,7 @@ __all__ = [
     "RUN_INFO_NAME",
     "RunRecord",
     "differing_config",
+    "effective_config",
     "final_metrics",
     "flatten",
     "format_comparison",
@@ -198,10 +202,45 @@ def wandb_runs(
 _MISSING = object()
 
 
+@functools.cache
+def _recipe_defaults(task: str | None) -> dict[str, Any]:
+    """The default of every recipe key for a run of `task` (None: the default task): fields of our three dataclasses
+    and of the task's options (another task's options are no keys of this run), in the form `resolved_recipe` writes
+    values in."""
+    from .configs import RECIPE_DATACLASSES, _field_default, _plain, _task_option_classes
+
+    def defaults_of(cls: type) -> dict[str, Any]:
+        defaults = {}
+        for dataclass_field in dataclasses.fields(cls):
+            default = _field_default(dataclass_field)
+            if dataclass_field.init and default is not dataclasses.MISSING:
+                defaults[dataclass_field.name] = _plain(default)
+        return defaults
+
+    defaults = {key: value for cls in RECIPE_DATACLASSES for key, value in defaults_of(cls).items()}
+    options = _task_option_classes().get(task or defaults["task"])
+    return {**defaults, **(defaults_of(options) if options is not None else {})}
+
+
+def effective_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A resolved recipe with the keys it leaves out filled in: `recipe.yaml` and `run_info.json` hold only the keys
+    whose value differs from the default (`vlm_recipes.configs.resolved_recipe`), so a key a run lacks has its
+    default. Keys that are no recipe keys stay as they are."""
+    task = config.get("task")
+    return {**_recipe_defaults(task if isinstance(task, str) else None), **config}
+
+
 def differing_config(records: list[RunRecord]) -> dict[str, list[Any]]:
-    """Config keys (nested ones joined with `.`) whose values differ between runs: key -> one value per run
-    (`_MISSING` where a run lacks the key)."""
+    """Config keys (nested ones joined with `.`) whose effective values differ between runs: key -> one value per run.
+
+    Where the runs' configs do not hold the same keys, each is first completed with the defaults of the keys it lacks
+    (`effective_config`): a key left at its default in one run shows that default, not a blank, and `null` in one run
+    equals an absent key whose default is null. `_MISSING` stays where a run lacks a key that has no default there
+    (not a recipe key, or an option of another task).
+    """
     flat = [flatten(record.config, separator=".") for record in records]
+    if any(set(config) != set(flat[0]) for config in flat):
+        flat = [flatten(effective_config(record.config), separator=".") for record in records]
     keys = sorted(set().union(*flat))
     differing = {}
     for key in keys:
@@ -233,9 +272,11 @@ def final_metrics(records: list[RunRecord]) -> dict[str, list[Any]]:
     return {key: values for key, values in table.items() if any(value is not None for value in values)}
 
 
-def _shown(value: Any) -> str:
-    if value is _MISSING or value is None:
+def _shown(value: Any, null: str = "-") -> str:
+    if value is _MISSING:
         return "-"
+    if value is None:
+        return null
     if isinstance(value, float):
         return "nan" if math.isnan(value) else f"{value:.4g}"
     text = json.dumps(value, default=str) if isinstance(value, (list, dict)) else str(value)
@@ -246,7 +287,13 @@ def format_comparison(records: list[RunRecord]) -> str:
     """A text table: the config keys that differ between the runs, then their final metrics; one column per run."""
     sections = [("config (keys that differ)", differing_config(records)), ("final metrics", final_metrics(records))]
     names = [record.name for record in records]
-    rows = [(key, [_shown(value) for value in values]) for _, table in sections for key, values in table.items()]
+    # A config value of None is the recipe's `null`, set or by default; "-" is a key the run does not have.
+    nulls = {sections[0][0]: "null", sections[1][0]: "-"}
+    rows = [
+        (key, [_shown(value, nulls[title]) for value in values])
+        for title, table in sections
+        for key, values in table.items()
+    ]
     key_width = max([len(key) for key, _ in rows] + [len(title) for title, _ in sections] + [3])
     widths = [max([len(name)] + [len(cells[index]) for _, cells in rows]) for index, name in enumerate(names)]
 
@@ -259,7 +306,7 @@ def format_comparison(records: list[RunRecord]) -> str:
         if not table:
             lines.append("  (none)")
         for key, values in table.items():
-            lines.append(line(key, [_shown(value) for value in values]))
+            lines.append(line(key, [_shown(value, nulls[title]) for value in values]))
     return "\n".join(lines)
 
 

@@ -16,6 +16,7 @@ import json
 import re
 import types
 import typing
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -575,6 +576,34 @@ def _check_command_line_keys(args: list[str]) -> None:
                 raise _unknown_key_error(key, "the command line")
 
 
+# transformers 5.24's deprecated names of `activation_checkpointing` and `activation_checkpointing_kwargs`.
+CHECKPOINTING_ALIASES = ("gradient_checkpointing", "gradient_checkpointing_kwargs")
+_HALF_PRECISION_KEYS = ("bf16", "fp16")
+
+
+def _truthy(value: Any) -> bool:
+    return value is True or (isinstance(value, str) and value.strip().lower() in ("true", "1", "yes"))
+
+
+def check_precision_hardware(values: dict[str, Any], recipe_path: str | None) -> None:
+    """A recipe for a GPU (`bf16: true` or `fp16: true`, no `use_cpu`) on a machine without one stops here.
+
+    transformers would stop later with "Your setup doesn't support bf16/gpu", naming neither the recipe's key nor a
+    way on; here the message says which key asks for the GPU and what to run instead.
+    """
+    import torch
+
+    wanted = [key for key in _HALF_PRECISION_KEYS if _truthy(values.get(key))]
+    if not wanted or _truthy(values.get("use_cpu")) or torch.cuda.is_available():
+        return
+    where = f"recipe {recipe_path}" if recipe_path else "the command line"
+    raise RecipeError(
+        f"{where} sets `{wanted[0]}: true`, which needs a CUDA GPU, and none is visible here: run it on a GPU "
+        f"machine, or try it on CPU with `--use_cpu true --{wanted[0]} false` (slow), or run a CPU demo "
+        "(`python scripts/sft.py recipes/demo/shapes_qwen2vl.yaml`)."
+    )
+
+
 def parse_recipe(args: list[str] | None = None) -> tuple[VLMScriptArguments, SFTConfig, VLMModelConfig]:
     """Parse `[RECIPE.yaml | --config RECIPE.yaml] [--key value ...]` into our three dataclasses.
 
@@ -599,10 +628,17 @@ def parse_recipe(args: list[str] | None = None) -> tuple[VLMScriptArguments, SFT
         _check_task(command_line_values["task"], "on the command line")
     elif "task" in recipe:
         _check_task(recipe["task"], f"in {recipe_path}")
+    check_precision_hardware({**recipe, **command_line_values}, recipe_path)
     if recipe_path is not None:
         args = ["--config", recipe_path, *args]
     try:
-        parsed = parser.parse_args_and_config(args)
+        with warnings.catch_warnings():
+            if not keys_set & set(CHECKPOINTING_ALIASES):
+                # TRL's `SFTConfig` sets `gradient_checkpointing=True` by default, which transformers 5.24 has
+                # renamed: the warning would name a key the user never wrote. Written by the user, it still shows.
+                for alias in CHECKPOINTING_ALIASES:
+                    warnings.filterwarnings("ignore", message=f"`{alias}` is deprecated", category=FutureWarning)
+            parsed = parser.parse_args_and_config(args)
     except RecipeError:
         raise
     except ValueError as error:  # dataclass validation from TRL/transformers

@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +24,12 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "adapter_base",
+    "base_precision",
     "evaluate_task",
     "format_metrics_table",
     "generate_answers",
     "load_for_generation",
+    "strict_json_value",
     "write_json_atomically",
 ]
 
@@ -39,11 +42,26 @@ def adapter_base(model_path: str | Path) -> str | None:
     return json.loads(config.read_text())["base_model_name_or_path"]
 
 
-def load_for_generation(model_path: str | Path, base_model: str | None = None, trust_remote_code: bool = False):
+def base_precision(model_args) -> str:
+    """How a run's base model was loaded, in words: `4-bit nf4`, `8-bit` or `unquantised`."""
+    if getattr(model_args, "load_in_4bit", False):
+        return f"4-bit {getattr(model_args, 'bnb_4bit_quant_type', 'nf4')}"
+    return "8-bit" if getattr(model_args, "load_in_8bit", False) else "unquantised"
+
+
+def load_for_generation(
+    model_path: str | Path,
+    base_model: str | None = None,
+    trust_remote_code: bool = False,
+    quantized_as=None,
+):
     """Load `(model, processor)` from a full model directory, or a LoRA adapter directory on its base model.
 
     The base model of an adapter is read from its `adapter_config.json` unless `base_model` is given. The processor
     comes from the directory itself when it holds processor files (our outputs always do), else from the base.
+    `quantized_as=(model_args, training_args)` loads an adapter's base as that run loaded it (4-bit or 8-bit, through
+    `models.load_model`), so that the adapter is evaluated on the base it trained on (`eval_after_train` evaluates
+    the model in memory, on that base); without it the base is loaded unquantised, as `merge_adapter` merges it.
     """
     from transformers import AutoProcessor
 
@@ -54,8 +72,18 @@ def load_for_generation(model_path: str | Path, base_model: str | None = None, t
         from peft import PeftModel
 
         base = base_model or adapter_base(model_path)
-        model = model_class_for(base).from_pretrained(base, trust_remote_code=trust_remote_code)
-        model = PeftModel.from_pretrained(model, model_path)
+        if quantized_as is not None and base_precision(quantized_as[0]) != "unquantised":
+            from dataclasses import replace
+
+            from .models import load_model
+
+            model_args, training_args = quantized_as
+            model = load_model(replace(model_args, model_name_or_path=base), training_args)
+            # In the adapter's saved dtype (bfloat16 for QLoRA, as TRL trains it), not PEFT's float32 upcast.
+            model = PeftModel.from_pretrained(model, model_path, autocast_adapter_dtype=False)
+        else:
+            model = model_class_for(base).from_pretrained(base, trust_remote_code=trust_remote_code)
+            model = PeftModel.from_pretrained(model, model_path)
         has_processor = any(
             (model_path / name).is_file() for name in ("processor_config.json", "tokenizer_config.json")
         )
@@ -113,10 +141,27 @@ def generate_answers(
     return answers
 
 
+def strict_json_value(value: Any) -> Any:
+    """`value` as plain JSON types, NaN and infinities as None: what strict JSON readers (`jq`, JavaScript, Go, Rust's
+    serde_json) accept, where Python's `json.dumps` would write the non-standard `NaN` (a mean over no example, such
+    as ui_actions' `mean_click_distance` when no click was parsed). Other numbers (numpy, torch scalars) become
+    floats."""
+    if isinstance(value, Mapping):
+        return {str(key): strict_json_value(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json_value(item) for item in value]
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
 def write_json_atomically(data: Any, path: Path) -> None:
-    """Write then rename, so that a crash never leaves a half-written file that looks complete."""
+    """Write strict JSON (`strict_json_value`: NaN and infinities as null), then rename, so that a crash never leaves
+    a half-written file that looks complete."""
     temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(data, indent=2, sort_keys=True, default=float) + "\n", encoding="utf-8")
+    text = json.dumps(strict_json_value(data), indent=2, sort_keys=True, allow_nan=False)
+    temporary.write_text(text + "\n", encoding="utf-8")
     os.replace(temporary, path)
 
 
@@ -131,8 +176,10 @@ def evaluate_task(
     temperature: float = 1.0,
     do_sample: bool = False,
     max_samples: int | None = None,
+    log_to_run: bool = True,
 ) -> dict[str, float]:
-    """Generate, score and write `predictions.csv` and `metrics.json` into `output_dir`; returns the metrics."""
+    """Generate, score and write `predictions.csv` and `metrics.json` into `output_dir`; returns the metrics. With
+    `log_to_run` (default) they also go into the active W&B run; a baseline's must not take the run's summary keys."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     count = len(dataset) if max_samples is None else min(max_samples, len(dataset))
@@ -160,7 +207,8 @@ def evaluate_task(
             writer.writerow([row.get("id"), target, prediction, *(score.get(key, "") for key in score_keys)])
     os.replace(temporary, output_dir / "predictions.csv")
     write_json_atomically({"task": task.name, "metrics": metrics}, output_dir / "metrics.json")
-    log_evaluation(task, rows, targets, predictions, scores, metrics)  # into the W&B run, when one is active
+    if log_to_run:
+        log_evaluation(task, rows, targets, predictions, scores, metrics)  # into the W&B run, when one is active
     return metrics
 
 

@@ -32,14 +32,14 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "ImageTokenCounter",
+    "SeededLengthGroupedSampler",
     "apply_data_loading_defaults",
     "apply_too_long_policy",
     "default_dataloader_num_workers",
     "image_size",
     "padding_fraction",
-    "prepare_lengths",
-    "SeededLengthGroupedSampler",
     "precomputed_lengths",
+    "prepare_lengths",
     "sample_lengths",
     "sampling_strategy",
 ]

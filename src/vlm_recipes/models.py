@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -208,22 +209,104 @@ def load_processor(
 ):
     from transformers import AutoProcessor
 
-    kwargs = {}
-    if min_pixels is not None:
-        kwargs["min_pixels"] = min_pixels
-    if max_pixels is not None:
-        kwargs["max_pixels"] = max_pixels
-    processor = AutoProcessor.from_pretrained(
-        model_args.model_name_or_path,
-        revision=model_args.model_revision,
-        trust_remote_code=trust_remote_code,
-        **kwargs,
-    )
+    def load(**kwargs):
+        return AutoProcessor.from_pretrained(
+            model_args.model_name_or_path,
+            revision=model_args.model_revision,
+            trust_remote_code=trust_remote_code,
+            **kwargs,
+        )
+
+    processor = load()
+    pixels = {key: value for key, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if value}
+    if pixels and not set_pixel_budget(processor, min_pixels, max_pixels):
+        processor = load(**pixels)  # a processor that takes the budget only as keywords
     if processor.tokenizer.pad_token is None:
         processor.tokenizer.pad_token = processor.tokenizer.eos_token
         logger.info("The tokenizer has no pad token; padding with eos %r.", processor.tokenizer.eos_token)
     fill_missing_chat_template(processor)  # PaliGemma, Florence-2 ship none (vlm_recipes.chat_templates)
     return processor
+
+
+class ModelNotAvailableError(ValueError):
+    """`model_name_or_path` cannot be loaded; the message names it, why, and what to do (one line, exit 2)."""
+
+
+def _looks_like_a_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.count("/") != 1 or "\\" in name
+
+
+def check_model_available(model_name_or_path: str, revision: str | None = None, timeout: float = 10.0) -> str:
+    """Stop in seconds, with the model id and the fix, when the model cannot be loaded; returns where it comes from
+    (`local directory`, `local cache`, `hub`).
+
+    Why: `from_pretrained` on an id the hub does not know, or with the hub unreachable, retries for minutes
+    (148 s measured offline) and ends in chained tracebacks whose last line names neither the id nor a way on. One
+    metadata request with a short timeout tells the cases apart first; a model already in the local cache needs none.
+    """
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    name = str(model_name_or_path)
+    key = f"`model_name_or_path: {name}`"
+    if Path(name).expanduser().is_dir():
+        if not (Path(name).expanduser() / "config.json").is_file():
+            raise ModelNotAvailableError(f"{key}: the directory has no config.json; is it a saved model?")
+        return "local directory"
+    if _looks_like_a_path(name):
+        raise ModelNotAvailableError(f"{key}: no such directory, and not a hub id (`organization/name`).")
+    download = f"download it first (`hf download {name}`), or set `model_name_or_path` to a local directory"
+    if isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str):
+        return "local cache"
+    if constants.HF_HUB_OFFLINE:
+        raise ModelNotAvailableError(
+            f"{key} is not in the local Hugging Face cache and the hub is offline (HF_HUB_OFFLINE=1): {download}."
+        )
+    try:
+        HfApi(endpoint=constants.ENDPOINT).model_info(name, revision=revision, timeout=timeout)
+    except GatedRepoError:
+        raise ModelNotAvailableError(
+            f"{key} is gated: accept its terms on its hub page, then log in (`hf auth login`) or set HF_TOKEN."
+        ) from None
+    except RepositoryNotFoundError:
+        raise ModelNotAvailableError(
+            f"{key} is neither a local directory nor a model on the Hugging Face hub: check it for a typo; a private "
+            "model needs a login (`hf auth login` or HF_TOKEN)."
+        ) from None
+    except RevisionNotFoundError:
+        raise ModelNotAvailableError(f"{key}: the hub has no revision {revision!r} of it.") from None
+    except Exception as error:  # noqa: BLE001 - any other failure means the hub could not answer
+        reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+        raise ModelNotAvailableError(
+            f"{key}: the Hugging Face hub ({constants.ENDPOINT}) could not be reached ({reason}): check the network, "
+            f"or {download}."
+        ) from None
+    return "hub"
+
+
+def set_pixel_budget(processor, min_pixels: int | None, max_pixels: int | None) -> bool:
+    """Give an area-resizing (Qwen-VL) processor the pixel budget as its `size`; False for other processors.
+
+    Why not `from_pretrained(min_pixels=..., max_pixels=...)`: transformers 5.24 keeps them as attributes that it
+    then passes to every processor call, which warns that `min_pixels`/`max_pixels` are deprecated there (once per
+    run, on every Qwen run). `size={"shortest_edge": min_pixels, "longest_edge": max_pixels}` is the same budget in
+    the form it asks for, and it is what `save_pretrained` writes into each checkpoint.
+    """
+    changed = False
+    for name in ("image_processor", "video_processor"):
+        component = getattr(processor, name, None)
+        size = getattr(component, "size", None)
+        if component is None or not hasattr(component, "merge_size") or size is None:
+            continue
+        current = dict(size) if not hasattr(size, "__dataclass_fields__") else dataclasses.asdict(size)
+        if "shortest_edge" not in current or "longest_edge" not in current:
+            continue
+        component.size = {
+            "shortest_edge": min_pixels or current["shortest_edge"],
+            "longest_edge": max_pixels or current["longest_edge"],
+        }
+        changed = True
+    return changed
 
 
 def quantization_config_for(model_args: ModelConfig, training_args=None):

@@ -206,6 +206,44 @@ def apply_wandb_environment(script_args, output_dir: str | Path, environ: dict |
     return applied
 
 
+WANDB_QUIET_MODES = ("offline", "disabled", "dryrun")
+
+
+def wandb_credentials_found(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether W&B will find a login without prompting: `WANDB_API_KEY`, an identity-token file, or an entry for its
+    host in the netrc file that `wandb login` writes.
+
+    Ours rather than wandb's: its credential lookup is internal (`wandb.sdk.lib.wbauth`, changed across 0.2x), and
+    without credentials W&B fails only when the Trainer starts the run, after the data and the model have loaded.
+    """
+    import netrc
+    from urllib.parse import urlparse
+
+    environ = os.environ if environ is None else environ
+    if environ.get("WANDB_API_KEY") or environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = urlparse(environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
+    path = Path(environ.get("NETRC") or Path(environ.get("HOME", str(Path.home()))) / ".netrc")
+    try:
+        return netrc.netrc(str(path)).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def fall_back_to_offline_wandb(output_dir: str | Path, environ: dict | None = None) -> bool:
+    """Without a W&B login, log offline (one notice) instead of failing once the model has loaded; True if so."""
+    environ = os.environ if environ is None else environ
+    if environ.get("WANDB_MODE", "").lower() in WANDB_QUIET_MODES or wandb_credentials_found(environ):
+        return False
+    environ["WANDB_MODE"] = "offline"
+    logger.warning(
+        "W&B: no login found (WANDB_API_KEY or `wandb login`): logging offline into %s/wandb; upload it later with "
+        "`wandb sync`, or set `report_to: none`.",
+        environ.get("WANDB_DIR") or output_dir,
+    )
+    return True
+
+
 class RunTracking:
     """What `start_run_tracking` set up for one run; `attach` it to the trainer, `finish` it at the end."""
 
@@ -256,6 +294,7 @@ def start_run_tracking(script_args, training_args, model_args, environ: dict | N
         applied = apply_wandb_environment(script_args, training_args.output_dir, environ)
         if applied:
             logger.info("W&B settings from the recipe: %s", ", ".join(f"{k}={v}" for k, v in sorted(applied.items())))
+        fall_back_to_offline_wandb(training_args.output_dir, environ)
     return RunTracking(script_args, training_args, model_args, wandb_enabled)
 
 

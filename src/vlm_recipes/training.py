@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .configs import VLMScriptArguments
 from .data import BadRowReport, DataError, build_dataset
+from .file_modes import apply_user_modes
 from .tasks import task_from_args
 from .tiny import build_tiny_model
 
@@ -48,6 +49,7 @@ def _build_atomically(target: Path, build) -> None:
     temporary = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         build(temporary)
+        apply_user_modes(temporary)  # mkdtemp made it 0o700, safetensors the tiny model's weights 0o600
         temporary.rename(target)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)

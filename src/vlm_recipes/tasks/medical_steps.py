@@ -782,6 +782,10 @@ _SERIES = ["T1 AX", "T2 AX", "FLAIR", "DWI"]
 _PRESETS = ["Lung", "Bone", "Brain", "Abdomen"]
 _REPORTS = ["X-ray", "CT", "MRI", "Ultrasound"]
 _TOOLS = ["Ruler", "Angle", "ROI", "Zoom"]
+# Each patient has one id and one MRI study, as in a hospital's records: a model can learn them from the name in the
+# goal (a tiny demo model cannot read random digits off a 192x144 screenshot).
+_PATIENT_IDS = {name: f"P-{1000 + 1111 * index}" for index, name in enumerate(_NAMES)}
+_MRI_STUDIES = {name: f"MRI 20{17 + index}-0{1 + index}-1{index}" for index, name in enumerate(_NAMES)}
 
 
 @dataclass
@@ -795,13 +799,14 @@ class _Screen:
 def _procedure(kind: int, rng: random.Random) -> tuple[str, list[_Screen]]:
     """One synthetic procedure: the user goal and its screens, the element to act on highlighted on each.
 
-    The last step repeats the patient id, which only the patient list showed: the model must take it from memory.
+    The last step repeats the patient id, which the goal does not name (it names the patient): the model takes it
+    from memory.
     """
     patients = rng.sample(_NAMES, 4)
     name = patients[0]
-    patient_id = f"P-{rng.randint(1000, 9999)}"
+    patient_id = _PATIENT_IDS[name]
     patient = f"{name} {patient_id}"
-    patient_rows = rng.sample([patient, *(f"{other} P-{rng.randint(1000, 9999)}" for other in patients[1:])], 4)
+    patient_rows = rng.sample([f"{other} {_PATIENT_IDS[other]}" for other in patients], 4)
 
     def screen(title: str, options: list[str], chosen: str, **output: str) -> _Screen:
         return _Screen(title, options, chosen, output)
@@ -814,7 +819,7 @@ def _procedure(kind: int, rng: random.Random) -> tuple[str, list[_Screen]]:
 
     if kind == 0:
         series = rng.choice(_SERIES)
-        study = f"MRI 20{rng.randint(18, 24)}-0{rng.randint(1, 9)}-1{rng.randint(0, 9)}"
+        study = _MRI_STUDIES[name]
         studies = rng.sample([study, "CT 2021-02-03", "XR 2020-07-15"], 3)
         goal = f"Load the {series} series of the MRI scan of patient {name}."
         screens = [

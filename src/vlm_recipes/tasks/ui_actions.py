@@ -520,7 +520,17 @@ def _load_few_shot_examples(examples: Sequence[dict[str, Any]] | str | Path | No
 
 
 # Demo data -------------------------------------------------------------------------------------------------------
-_SCREEN_SIZES = ((160, 120), (192, 144), (224, 168), (256, 192))
+# One screen size: 224x168 pixels are 8x6 Qwen image tokens of 28x28 pixels, so each grid cell below is 2x2 tokens.
+_SCREEN_SIZE = (224, 168)
+# Click screens: labelled buttons filling cells of a coarse grid, each label always in its own colour, so that a tiny
+# model can learn where to click from a few hundred examples (a real screen's small widgets need a real model).
+_GRID_COLUMNS, _GRID_ROWS = 4, 3
+_GRID_BUTTONS = {
+    "Login": (40, 100, 210),
+    "Submit": (30, 150, 90),
+    "Cancel": (200, 40, 40),
+    "Next": (235, 170, 20),
+}
 _FIELD_LABELS = ("Name", "Email", "User", "City", "Phone", "Code")
 _FIELD_VALUES = ("alice", "bob42", "a@b.io", "Paris", "555-0199", "hello", "x7k2", "Oslo", "carol", "12345")
 _BUTTON_LABELS = ("Login", "Submit", "Cancel", "Next", "Save", "Back", "Send", "Reset")
@@ -528,6 +538,7 @@ _LIST_ITEMS = ("Inbox", "Drafts", "Sent", "Archive", "Spam", "Trash", "Photos", 
 _TITLES = ("Sign in", "Settings", "Profile", "Checkout", "Mail", "Files")
 _BACKGROUNDS = ((245, 245, 245), (236, 240, 246), (250, 247, 240))
 _BUTTON_COLOURS = ((40, 100, 210), (30, 150, 90), (200, 70, 50), (110, 110, 120))
+_DEMO_ACTION_CYCLE = ("click", "type", "click", "scroll", "click", "wait")
 
 
 class _Screen:
@@ -630,18 +641,30 @@ def _loading_screen(size: Size, rng: random.Random) -> _Screen:
     return screen
 
 
+def _button_grid_screen(size: Size, rng: random.Random) -> _Screen:
+    """Every button of `_GRID_BUTTONS` in its own colour, each filling a random cell of the grid (a margin aside)."""
+    screen = _Screen(size, rng)
+    width, height = size
+    cell_width, cell_height = width // _GRID_COLUMNS, height // _GRID_ROWS
+    cells = rng.sample(range(_GRID_COLUMNS * _GRID_ROWS), len(_GRID_BUTTONS))
+    for (text, colour), cell in zip(_GRID_BUTTONS.items(), cells):
+        left, top = (cell % _GRID_COLUMNS) * cell_width, (cell // _GRID_COLUMNS) * cell_height
+        bbox = [left + 3, top + 3, left + cell_width - 4, top + cell_height - 4]
+        screen.draw.rectangle(bbox, fill=colour)
+        screen.label((bbox[0] + 4, bbox[1] + cell_height // 2 - 10), text, fill=(255, 255, 255))
+        screen.add("button", text, bbox)
+    return screen
+
+
 def _centre_point(bbox: list[int]) -> tuple[int, int]:
     return (bbox[0] + bbox[2]) // 2, (bbox[1] + bbox[3]) // 2
 
 
 def _demo_example(kind: str, rng: random.Random) -> tuple[Any, dict[str, Any]]:
     """One synthetic screenshot and its native row (without `id` and `image`) for an action of type `kind`."""
-    size = rng.choice(_SCREEN_SIZES)
+    size = _SCREEN_SIZE
     if kind == "click":
-        if rng.random() < 0.5:
-            screen, _ = _form_screen(size, rng)
-        else:
-            screen = _list_screen(size, rng)
+        screen = _button_grid_screen(size, rng)
         element = rng.choice(screen.elements)
         x, y = _centre_point(element["bbox"])
         templates = {"button": "Click the {} button", "field": "Click the {} field", "item": "Open {}"}
@@ -818,8 +841,8 @@ class UIActionsTask(Task):
         }
 
     def make_data(self, output_dir: Path, num: int, seed: int) -> None:
-        """Write `train/val/test.jsonl` (80/10/10) and PNG screenshots, the four action types in turn; the same
-        `seed` writes the same bytes."""
+        """Write `train/val/test.jsonl` (80/10/10) and PNG screenshots, half of them clicks (the one action that needs
+        the image) and the other three action types in turn; the same `seed` writes the same bytes."""
         if num < 3:
             raise ValueError(f"make_data needs num >= 3 (one example per split at least), got {num}.")
         output_dir = Path(output_dir)
@@ -828,7 +851,7 @@ class UIActionsTask(Task):
         for split, count in demo_split_sizes(num).items():
             lines = []
             for index in range(count):
-                image, row = _demo_example(ACTION_TYPES[index % len(ACTION_TYPES)], rng)
+                image, row = _demo_example(_DEMO_ACTION_CYCLE[index % len(_DEMO_ACTION_CYCLE)], rng)
                 relative = f"images/{split}_{index:05d}.png"
                 image.save(output_dir / relative)
                 lines.append(json.dumps({"id": f"{split}-{index:05d}", "image": relative, **row}))
