@@ -323,7 +323,7 @@ class StepRecorder:
         # runs it forward only (`detach_frozen_vision_inputs`).
         self.vision_flops_factor = None
         if vision_patches:
-            from vlm_recipes.models import part_has_trainable
+            from vlm_recipes.trainer import part_has_trainable
 
             self.vision_flops_factor = 6 if part_has_trainable(trainer.model, "vision") else 2
 
@@ -372,34 +372,6 @@ class StepRecorder:
         if any("patches" in batch for batch in timed):
             rates["patches_per_second"] = sum(batch.get("patches", 0) for batch in timed) / elapsed
         return rates
-
-
-def sft_main():
-    """`main` of `scripts/sft.py`, loaded as a module (its command-line entry point does not run)."""
-    import runpy
-
-    return runpy.run_path(str(REPO_ROOT / "scripts" / "sft.py"), run_name="benchmark")["main"]
-
-
-def instrument_trainers(main, on_init) -> None:
-    """Call `on_init(trainer)` on every trainer that `main` builds.
-
-    Each `transformers.Trainer` class in `main`'s module namespace is replaced, in that namespace only, by a subclass
-    whose `__init__` ends with the call: the script runs unchanged, whatever trainer class it uses.
-    """
-    from transformers import Trainer
-
-    namespace = main.__globals__
-    for name, value in list(namespace.items()):
-        if isinstance(value, type) and issubclass(value, Trainer):
-
-            class Instrumented(value):
-                def __init__(self, *args, **kwargs):
-                    super().__init__(*args, **kwargs)
-                    on_init(self)
-
-            Instrumented.__name__ = Instrumented.__qualname__ = value.__name__
-            namespace[name] = Instrumented
 
 
 def _record_steps(recorders: list[StepRecorder], trainer, vision_patches: bool = False, hand_over=None) -> None:
@@ -666,10 +638,13 @@ def _train_ours(workspace: Workspace, settings: Settings, sampling: str, hand_ov
     overrides["output_dir"] = workspace.root / "outputs" / f"training-ours-{sampling}"
     if sampling != "default":
         overrides["train_sampling_strategy"] = sampling
+    from vlm_recipes.sft import main
+
     recorders: list[StepRecorder] = []
-    main = sft_main()
-    instrument_trainers(main, partial(_record_steps, recorders, hand_over=hand_over))
-    main(*workspace.recipe_args("shapes_qwen2vl", overrides))
+    main(
+        *workspace.recipe_args("shapes_qwen2vl", overrides),
+        on_trainer=partial(_record_steps, recorders, hand_over=hand_over),
+    )
     if len(recorders) != 1:
         raise RuntimeError(f"Expected scripts/sft.py to build one trainer, saw {len(recorders)}.")
     return {**recorders[0].rates(settings.warmup), **_loading(recorders[0].args)}
@@ -993,8 +968,8 @@ def memory_worker(recipe_path: str) -> None:
     import torch
 
     from vlm_recipes.configs import parse_recipe
+    from vlm_recipes.sft import main
 
-    main = sft_main()
     trainers: list[Any] = []
     training_peak_parts = {"RssAnon": 0, "RssFile": 0}
     training_start = [0]
@@ -1029,9 +1004,8 @@ def memory_worker(recipe_path: str) -> None:
 
         trainer.train = train
 
-    instrument_trainers(main, sample_while_training)
     start = _current_rss()
-    main(*parse_recipe([recipe_path]))
+    main(*parse_recipe([recipe_path]), on_trainer=sample_while_training)
     model = trainers[0].model
     weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     lifetime_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
@@ -1219,6 +1193,7 @@ def benchmark_full_size(workspace: Workspace, settings: Settings, device: str = 
     import yaml
 
     from vlm_recipes.configs import parse_recipe
+    from vlm_recipes.sft import main
 
     if device == "cuda":
         require_cuda()
@@ -1258,14 +1233,12 @@ def benchmark_full_size(workspace: Workspace, settings: Settings, device: str = 
             )
             arguments = [item for key, value in values.items() for item in (f"--{key}", str(value))]
             recorders: list[StepRecorder] = []
-            main = sft_main()
-            instrument_trainers(main, partial(_record_steps, recorders, vision_patches=True))
             if device == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
             try:
                 with contextlib.redirect_stdout(io.StringIO()):
-                    main(*parse_recipe(arguments))
+                    main(*parse_recipe(arguments), on_trainer=partial(_record_steps, recorders, vision_patches=True))
             except torch.OutOfMemoryError:
                 results[mode][str(batch_size)] = {"out_of_memory": True}
             else:
@@ -1362,7 +1335,8 @@ def vision_worker(spec_path: str) -> None:
 
     from vlm_recipes.collator import VisionChatCollator
     from vlm_recipes.configs import VLMModelConfig
-    from vlm_recipes.models import detach_frozen_vision_inputs, peft_config_for
+    from vlm_recipes.models import peft_config_for
+    from vlm_recipes.trainer import detach_frozen_vision_inputs
 
     spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
     if spec["tiny_model"]:

@@ -5,7 +5,6 @@ import time
 from typing import Literal
 
 import pytest
-from conftest import REPO_ROOT, run_script
 
 from vlm_recipes.configs import (
     RANGE_RULES,
@@ -17,6 +16,8 @@ from vlm_recipes.configs import (
     resolved_recipe,
     valid_recipe_keys,
 )
+
+from conftest import REPO_ROOT, run_script
 
 SHIPPED_RECIPES = sorted((REPO_ROOT / "recipes").rglob("*.yaml"))
 # bitsandbytes logs this on import on a machine without the `kernels` package: not a line of ours.

@@ -1,7 +1,6 @@
 """The model-family registry (detection, module prefixes), family chat templates, prompt/answer collation, and a
 short training run of every tiny family through `scripts/sft.py`."""
 
-import importlib.util
 import json
 import re
 import shutil
@@ -26,7 +25,7 @@ from vlm_recipes.families import (
 )
 from vlm_recipes.tiny import TINY_FAMILIES
 
-from conftest import REPO_ROOT, real_processor_dir, requires_real_processor
+from conftest import real_processor_dir, requires_real_processor
 
 # Registry name of each tiny family (SmolVLM is the Idefics3 architecture).
 REGISTRY_NAME = {name: ("idefics3" if name == "smolvlm" else name) for name in TINY_FAMILIES}
@@ -447,10 +446,9 @@ def image_messages_data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sft_main():
-    spec = importlib.util.spec_from_file_location("sft_script", REPO_ROOT / "scripts" / "sft.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    from vlm_recipes.sft import main
+
+    return main
 
 
 @pytest.mark.slow

@@ -17,12 +17,12 @@ from vlm_recipes.configs import VLMScriptArguments
 from vlm_recipes.data import build_dataset
 from vlm_recipes.lengths import (
     ImageTokenCounter,
+    SeededLengthGroupedSampler,
     apply_data_loading_defaults,
     default_dataloader_num_workers,
     image_size,
     padding_fraction,
     prepare_lengths,
-    SeededLengthGroupedSampler,
     sample_lengths,
 )
 from vlm_recipes.tasks import get_task
@@ -198,7 +198,7 @@ class TestLengthGrouping:
         from trl import SFTConfig
 
         from vlm_recipes.configs import VLMModelConfig
-        from vlm_recipes.models import VLMSFTTrainer
+        from vlm_recipes.trainer import VLMSFTTrainer
 
         model_dir = tiny_model_dirs["qwen2_vl"]
         processor = AutoProcessor.from_pretrained(model_dir)

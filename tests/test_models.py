@@ -24,26 +24,28 @@ from vlm_recipes.configs import RecipeError, VLMModelConfig, parse_recipe
 from vlm_recipes.data import BadRowReport, build_dataset
 from vlm_recipes.families import UnknownFamilyError, detect_family, family_of_model
 from vlm_recipes.models import (
-    VLMSFTTrainer,
     _float32_input_to_autocast_dtype,
     check_quantization_for_zero3,
     check_training_setup,
     deepspeed_zero_stage,
-    detach_frozen_vision_inputs,
     has_4bit_autocast_hook,
     keep_4bit_outputs_in_autocast_dtype,
     keep_4bit_weights_unpacked_on_cpu,
     load_model,
     load_processor,
     lora_target_modules_for,
-    part_parameter_groups,
     peft_config_for,
     quantization_config_for,
     training_dtype,
-    use_reentrant_checkpointing,
 )
 from vlm_recipes.tasks import get_task
 from vlm_recipes.tiny import TINY_FAMILIES
+from vlm_recipes.trainer import (
+    VLMSFTTrainer,
+    detach_frozen_vision_inputs,
+    part_parameter_groups,
+    use_reentrant_checkpointing,
+)
 
 from conftest import REPO_ROOT, load_benchmark, run_script
 

@@ -5,10 +5,10 @@
 - LoRA targets per part (`peft_config_for`): the language model's linear layers by default; the vision tower and
   projector only with `lora_vision: true`. Targets come from the family registry's module layout
   (`vlm_recipes.families`), never from bare layer names, which also match vision blocks (Qwen2.5-VL's `gate_proj`).
-- Freezing (`freeze_vision_tower`, `freeze_projector`) and per-part learning rates (optimizer parameter groups,
-  `VLMSFTTrainer`).
-- Gradient checkpointing that trains frozen-input parts and LoRA under DeepSpeed ZeRO-3 too; a frozen vision tower
-  runs without autograd (`detach_frozen_vision_inputs`).
+- Freezing (`freeze_vision_tower`, `freeze_projector`) and per-part learning rates (`part_learning_rates`; the
+  parameter groups are built by `vlm_recipes.trainer.VLMSFTTrainer`, which also owns gradient checkpointing and the
+  frozen vision tower).
+- Whether a model can be loaded at all (`check_model_available`), before anything else loads.
 - Early checks with the fix in the message (`check_model_args`, `check_training_setup`,
   `check_quantization_for_zero3`).
 """
@@ -19,60 +19,39 @@ import dataclasses
 import logging
 import os
 import re
-import shutil
-import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
-import datasets
 import torch
-from transformers import TrainerCallback
-from trl import ModelConfig, SFTTrainer, get_peft_config
+from trl import ModelConfig, get_peft_config
 
 from .chat_templates import fill_missing_chat_template
 from .families import UnknownFamilyError, detect_family, family_of_model
-from .lengths import SeededLengthGroupedSampler, precomputed_lengths, sampling_strategy
-from .resume import (
-    FINAL_STAGING_NAME,
-    TRAINER_STATE_NAME,
-    check_adapter_loaded,
-    has_full_weights,
-    load_full_weights,
-    publish_directory,
-    replace_directory,
-    resolve_resume_checkpoint,
-    staging_name,
-    withdraw_completion_files,
-)
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "VLMSFTTrainer",
     "check_model_args",
     "check_quantization_for_zero3",
     "check_training_setup",
     "deepspeed_zero_stage",
-    "detach_frozen_vision_inputs",
     "freeze_parts",
     "load_model",
     "load_processor",
     "lora_target_modules_for",
-    "part_has_trainable",
+    "parameter_count",
     "part_learning_rates",
-    "part_parameter_groups",
     "peft_config_for",
     "quantization_config_for",
     "training_dtype",
-    "use_reentrant_checkpointing",
 ]
 
 PARTS = ("vision", "projector", "language")  # the family registry's part names (`ModelFamily.part_of`)
 ALL_LINEAR = "all-linear"  # PEFT's shorthand; here it means "every linear layer of the parts that get LoRA"
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _QUANT_STORAGE_DTYPES = ("uint8", "bfloat16", "float16", "float32")
-_PART_LR_KEYS = {"vision": "vision_tower_lr", "projector": "projector_lr", "language": "language_model_lr"}
-_PART_NAMES = {"vision": "vision tower", "projector": "projector", "language": "language model"}
+PART_LR_KEYS = {"vision": "vision_tower_lr", "projector": "projector_lr", "language": "language_model_lr"}
+PART_NAMES = {"vision": "vision tower", "projector": "projector", "language": "language model"}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -97,7 +76,7 @@ def check_model_args(model_args: ModelConfig) -> None:
     storage = model_args.bnb_4bit_quant_storage
     if storage is not None and storage not in _QUANT_STORAGE_DTYPES:
         raise ValueError(f"`bnb_4bit_quant_storage: {storage}` is not one of {_QUANT_STORAGE_DTYPES}.")
-    for key in _PART_LR_KEYS.values():
+    for key in PART_LR_KEYS.values():
         value = getattr(model_args, key, None)
         if value is not None and value < 0:
             raise ValueError(f"`{key}: {value}` is negative; set a learning rate >= 0 or leave it unset.")
@@ -190,7 +169,7 @@ def check_training_setup(model_args: ModelConfig, training_args) -> None:
     part_lrs = {key: value for key, value in part_learning_rates(model_args).items() if value is not None}
     ds_config = _deepspeed_config(training_args)
     if part_lrs and ds_config is not None and "optimizer" in ds_config:
-        keys = ", ".join(f"`{_PART_LR_KEYS[part]}`" for part in part_lrs)
+        keys = ", ".join(f"`{PART_LR_KEYS[part]}`" for part in part_lrs)
         raise ValueError(
             f"{keys} need the Trainer's optimizer (parameter groups per part), but the DeepSpeed config "
             f"{getattr(training_args, 'deepspeed', None) or ''} has an `optimizer` section, which would replace it: "
@@ -516,7 +495,7 @@ def _quantization_summary(config) -> str:
 # --------------------------------------------------------------------------------------------------------------------
 # Parts: freezing, LoRA targets
 # --------------------------------------------------------------------------------------------------------------------
-def _frozen_parts(model_args: ModelConfig) -> set[str]:
+def parts_to_freeze(model_args: ModelConfig) -> set[str]:
     frozen = set()
     if getattr(model_args, "freeze_vision_tower", False):
         frozen.add("vision")
@@ -531,7 +510,7 @@ def freeze_parts(model, model_args: ModelConfig) -> dict[str, int]:
     This is what freezing means in full fine-tuning. With LoRA every base weight is frozen anyway, and a frozen part
     gets no LoRA either (`lora_target_modules_for`).
     """
-    frozen_parts = _frozen_parts(model_args)
+    frozen_parts = parts_to_freeze(model_args)
     if not frozen_parts:
         return {}
     family = family_of_model(model)
@@ -541,17 +520,17 @@ def freeze_parts(model, model_args: ModelConfig) -> dict[str, int]:
         part = family.part_of(name)
         if part in frozen_parts:
             parameter.requires_grad_(False)
-            counts[part] += _parameter_count(parameter)
+            counts[part] += parameter_count(parameter)
             tensors[part] += 1
     for part, count in tensors.items():
         if count == 0:
             raise ValueError(
                 f"`{'freeze_vision_tower' if part == 'vision' else 'freeze_projector'}: true` but {family.name} has no "
-                f"{_PART_NAMES[part]} parameters under {getattr(family, f'{part}_prefixes')}; fix the family entry "
+                f"{PART_NAMES[part]} parameters under {getattr(family, f'{part}_prefixes')}; fix the family entry "
                 "in vlm_recipes.families."
             )
     logger.info(
-        "Frozen: %s.", ", ".join(f"{_PART_NAMES[part]} ({count:,} parameters)" for part, count in counts.items())
+        "Frozen: %s.", ", ".join(f"{PART_NAMES[part]} ({count:,} parameters)" for part, count in counts.items())
     )
     return counts
 
@@ -561,7 +540,7 @@ def _lora_parts(model_args: ModelConfig) -> set[str]:
     unless the recipe freezes them."""
     parts = {"language"}
     if getattr(model_args, "lora_vision", False):
-        parts |= {"vision", "projector"} - _frozen_parts(model_args)
+        parts |= {"vision", "projector"} - parts_to_freeze(model_args)
     return parts
 
 
@@ -672,11 +651,11 @@ def lora_target_modules_for(model, model_args: ModelConfig) -> str:
     logger.info(
         "LoRA on %s: %s.",
         source,
-        ", ".join(f"{count} module(s) in the {_PART_NAMES[part]}" for part, count in by_part.items() if count),
+        ", ".join(f"{count} module(s) in the {PART_NAMES[part]}" for part, count in by_part.items() if count),
     )
     if left_out:
         message = ", ".join(
-            f"{count} in the {_PART_NAMES.get(part, 'rest of the model')}" for part, count in left_out.items()
+            f"{count} in the {PART_NAMES.get(part, 'rest of the model')}" for part, count in left_out.items()
         )
         why = "the vision tower and projector get LoRA only with `lora_vision: true`, and not when frozen"
         if requested is None or requested == ALL_LINEAR or requested == [ALL_LINEAR]:
@@ -707,50 +686,12 @@ def peft_config_for(model, model_args: ModelConfig):
     return peft_config
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Optimizer parameter groups per part
-# --------------------------------------------------------------------------------------------------------------------
 def part_learning_rates(model_args: ModelConfig) -> dict[str, float | None]:
     """{part: the recipe's learning rate for it, or None for `learning_rate`}."""
-    return {part: getattr(model_args, key, None) for part, key in _PART_LR_KEYS.items()}
+    return {part: getattr(model_args, key, None) for part, key in PART_LR_KEYS.items()}
 
 
-def part_parameter_groups(
-    model,
-    model_args: ModelConfig,
-    learning_rate: float,
-    weight_decay: float,
-    decay_parameter_names: Iterable[str],
-) -> list[dict]:
-    """Optimizer parameter groups of the trainable parameters: one per (part, decay or not), each with its part's lr.
-
-    Weight decay follows the Trainer's split (`decay_parameter_names`, from `Trainer.get_decay_parameter_names`: no
-    decay for biases and norms). Parameters outside the three parts use `learning_rate`. Empty groups are left out.
-    """
-    family = family_of_model(model)
-    rates = part_learning_rates(model_args)
-    decay = set(decay_parameter_names)
-    groups: dict[tuple[str, bool], list] = {}
-    for name, parameter in model.named_parameters():
-        if parameter.requires_grad:
-            groups.setdefault((family.part_of(name) or "other", name in decay), []).append(parameter)
-    parameter_groups = []
-    for part in (*PARTS, "other"):
-        lr = rates.get(part)
-        for with_decay in (True, False):
-            parameters = groups.get((part, with_decay))
-            if parameters:
-                parameter_groups.append(
-                    {
-                        "params": parameters,
-                        "weight_decay": weight_decay if with_decay else 0.0,
-                        "lr": learning_rate if lr is None else lr,
-                    }
-                )
-    return parameter_groups
-
-
-def _parameter_count(parameter) -> int:
+def parameter_count(parameter) -> int:
     """Weights of a parameter: a bitsandbytes 4-bit parameter packs two per byte and keeps its shape aside; a
     ZeRO-3 partitioned parameter is empty here and keeps its size as `ds_numel`."""
     if getattr(parameter, "ds_numel", None) is not None:
@@ -758,361 +699,3 @@ def _parameter_count(parameter) -> int:
     quant_state = getattr(parameter, "quant_state", None)
     shape = getattr(quant_state, "shape", None)
     return int(torch.Size(shape).numel()) if shape is not None else parameter.numel()
-
-
-def _trainable_summary(model, model_args: ModelConfig, learning_rate: float) -> str:
-    try:
-        family = family_of_model(model)
-    except UnknownFamilyError:
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        return f"{trainable:,} trainable parameters (lr {learning_rate:g})"
-    trainable, total = {}, {}
-    for name, parameter in model.named_parameters():
-        part = family.part_of(name) or "other"
-        total[part] = total.get(part, 0) + _parameter_count(parameter)
-        if parameter.requires_grad:
-            trainable[part] = trainable.get(part, 0) + _parameter_count(parameter)
-    rates = part_learning_rates(model_args)
-    pieces = []
-    for part in (*PARTS, "other"):
-        if part not in total:
-            continue
-        rate = rates.get(part)
-        detail = f"lr {learning_rate if rate is None else rate:g}" if trainable.get(part) else "frozen"
-        pieces.append(f"{_PART_NAMES.get(part, part)} {trainable.get(part, 0):,}/{total[part]:,} ({detail})")
-    return "trainable parameters: " + ", ".join(pieces)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Gradient checkpointing
-# --------------------------------------------------------------------------------------------------------------------
-def use_reentrant_checkpointing(model_args: ModelConfig, training_args) -> bool:
-    """Reentrant checkpointing under DeepSpeed ZeRO-3 when some weights are frozen (LoRA, frozen parts); otherwise
-    non-reentrant, PyTorch's recommendation, which needs no input that requires grad.
-
-    ZeRO-3 has frozen weights partitioned again when the non-reentrant recompute reads them, which fails its
-    metadata check (huggingface/transformers#47254, deepspeedai/DeepSpeed#4332; TRL's SFTTrainer forces reentrant
-    for PEFT + ZeRO-3 for this reason; DeepSpeed 0.19's attribution of frozen parameters to the recompute,
-    deepspeedai/DeepSpeed#8148, may make it unnecessary, untested here). Reentrant checkpointing only computes
-    gradients for a block whose input requires grad; `VLMSFTTrainer` sees to that.
-    """
-    frozen = model_args.use_peft or bool(_frozen_parts(model_args))
-    return deepspeed_zero_stage(training_args) == 3 and frozen
-
-
-def _configure_gradient_checkpointing(model_args: ModelConfig, training_args) -> None:
-    """Set `use_reentrant` explicitly unless the recipe did, in one dict shared by `activation_checkpointing_kwargs`
-    and its deprecated alias `gradient_checkpointing_kwargs`.
-
-    Why both: transformers 5 reads `activation_checkpointing_kwargs`, while TRL's SFTTrainer writes its ZeRO-3
-    setting into `gradient_checkpointing_kwargs`; a fresh dict there would not reach the Trainer.
-    """
-    if not training_args.gradient_checkpointing:
-        return
-    kwargs = (
-        getattr(training_args, "activation_checkpointing_kwargs", None) or training_args.gradient_checkpointing_kwargs
-    )
-    kwargs = kwargs if isinstance(kwargs, dict) else {}
-    kwargs.setdefault("use_reentrant", use_reentrant_checkpointing(model_args, training_args))
-    training_args.gradient_checkpointing_kwargs = kwargs
-    if hasattr(training_args, "activation_checkpointing_kwargs"):
-        training_args.activation_checkpointing_kwargs = kwargs
-
-
-def _make_checkpointed_inputs_require_grad(model) -> int:
-    """Under reentrant checkpointing, a checkpointed block gets parameter gradients only if one of its inputs
-    requires grad. The language model's input embeddings are hooked by `enable_input_require_grads` (TRL does it for
-    PEFT); the vision tower's blocks are fed from pixel values, so every checkpointed block that holds trainable
-    parameters gets its hidden-state input marked here. The hook runs outside the checkpoint: transformers'
-    `GradientCheckpointingLayer` checkpoints `forward`, not `__call__`. Returns the number of blocks hooked."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    def mark_input(module, args, kwargs):
-        if args and torch.is_tensor(args[0]) and args[0].is_floating_point() and not args[0].requires_grad:
-            args = (args[0].detach().requires_grad_(True), *args[1:])
-        elif not args and torch.is_tensor(kwargs.get("hidden_states")) and not kwargs["hidden_states"].requires_grad:
-            kwargs["hidden_states"] = kwargs["hidden_states"].detach().requires_grad_(True)
-        return args, kwargs
-
-    hooked = 0
-    for module in model.modules():
-        if isinstance(module, GradientCheckpointingLayer) and any(p.requires_grad for p in module.parameters()):
-            module.register_forward_pre_hook(mark_input, with_kwargs=True)
-            hooked += 1
-    return hooked
-
-
-def _frozen_vision_embeddings(model) -> list[torch.nn.Module]:
-    """The input-embedding modules of `model`'s vision sub-models when no vision-tower parameter trains; else [].
-
-    Why: transformers' `enable_input_require_grads`, which TRL calls for PEFT and the Trainer calls again when it turns
-    on checkpointing, hooks the input embeddings of every sub-model, the vision tower's patch embedding included. The
-    patch embeddings then require grad, so autograd records the whole frozen vision tower: its checkpointed blocks
-    keep their inputs (per image patch, per layer) and are recomputed and back-propagated through on every step, for
-    gradients that reach no trainable parameter. A trainable projector still gets its gradients without them.
-    """
-    from transformers import PreTrainedModel
-
-    try:
-        family = family_of_model(model)
-    except UnknownFamilyError:
-        return []
-    if part_has_trainable(model, "vision"):
-        return []
-    language_embeddings = model.get_input_embeddings()
-    found: dict[int, torch.nn.Module] = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, PreTrainedModel) or family.part_of(name) != "vision":
-            continue
-        try:
-            embeddings = module.get_input_embeddings()
-        except (NotImplementedError, AttributeError):
-            continue
-        if isinstance(embeddings, torch.nn.Module) and embeddings is not language_embeddings:
-            found[id(embeddings)] = embeddings
-    return list(found.values())
-
-
-def _detach_output(module, args, output):
-    return output.detach() if torch.is_tensor(output) else output
-
-
-def detach_frozen_vision_inputs(model, handles: list | None = None) -> list:
-    """Detach the output of a frozen vision tower's input embeddings (see `_frozen_vision_embeddings`), so that the
-    tower runs without autograd. Returns the hook handles; pass the previous ones to replace them.
-
-    Forward hooks run in registration order, so this must come after the last `enable_input_require_grads` (which
-    the Trainer calls in `train`): `VLMSFTTrainer` registers it at the start of training. Under FSDP the model's
-    module names carry FSDP's wrapper prefixes, no part matches and nothing is detached (untested without GPUs).
-    """
-    for handle in handles or []:
-        handle.remove()
-    return [module.register_forward_hook(_detach_output) for module in _frozen_vision_embeddings(model)]
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Trainer
-# --------------------------------------------------------------------------------------------------------------------
-class VLMSFTTrainer(SFTTrainer):
-    """TRL's `SFTTrainer` with per-part learning rates, gradient checkpointing that trains every part, saves that are
-    whole or absent, and exact resumes.
-
-    Args:
-        model_args (`VLMModelConfig`): the recipe's model keys (`vision_tower_lr`, `projector_lr`,
-            `language_model_lr`, `use_peft`, `freeze_*`). Every other argument is `SFTTrainer`'s.
-
-    The optimizer is the Trainer's (`optim`, its betas and eps), given parameter groups per part and per weight-decay
-    split. Under DeepSpeed it is used as DeepSpeed's client optimizer, which needs a DeepSpeed config without an
-    `optimizer` section (checked by `check_training_setup`).
-
-    Saving and resuming (`vlm_recipes.resume`): each `checkpoint-<step>/` is written into `.tmp-checkpoint-<step>/`,
-    with the processor files and generation config that let it load alone, and renamed into place when whole; the
-    final output likewise (`save_output`). Resuming loads full weights with the family's key renamings and stops on
-    any weight or adapter tensor that did not load. The length-grouped sampler reads the precomputed `length` column
-    and draws each epoch's order from `seed + epoch` (`data_seed` when set), so a resumed run sees the same batches.
-    """
-
-    def __init__(self, *args, model_args: ModelConfig, **kwargs):
-        self.model_args = model_args
-        self._staging_run_dir: str | None = None
-        training_args = kwargs.get("args")
-        if training_args is not None:
-            _configure_gradient_checkpointing(model_args, training_args)
-        super().__init__(*args, **kwargs)
-        self.add_callback(_FrozenVisionWithoutGrad(self))
-        checkpointing_kwargs = self.args.activation_checkpointing_kwargs or {}
-        if self.args.gradient_checkpointing and checkpointing_kwargs.get("use_reentrant"):
-            hooked = _make_checkpointed_inputs_require_grad(self.model)
-            logger.info(
-                "Reentrant gradient checkpointing: %d trainable block(s) get inputs that require grad.", hooked
-            )
-
-    # Samplers ---------------------------------------------------------------------------------------------------
-    def _sampler_seed(self) -> int:
-        return self.args.data_seed if self.args.data_seed is not None else self.args.seed
-
-    def _get_train_sampler(self, train_dataset=None):
-        dataset = self.train_dataset if train_dataset is None else train_dataset
-        strategy = sampling_strategy(self.args)
-        if strategy == "batch_rebalance" and isinstance(dataset, datasets.Dataset):
-            # The Trainer builds this sampler itself; from the unformatted view its column reads skip the transform.
-            return super()._get_train_sampler(dataset.with_format(None))
-        lengths = precomputed_lengths(dataset, self.args.length_column_name) if strategy == "group_by_length" else None
-        if lengths is None:
-            return super()._get_train_sampler(train_dataset)
-        batch_size = self.args.train_batch_size * self.args.gradient_accumulation_steps
-        return SeededLengthGroupedSampler(batch_size, lengths, seed=self._sampler_seed())
-
-    def _get_eval_sampler(self, eval_dataset):
-        if sampling_strategy(self.args) != "group_by_length":
-            return super()._get_eval_sampler(eval_dataset)
-        lengths = precomputed_lengths(eval_dataset, self.args.length_column_name)
-        if lengths is None:
-            return super()._get_eval_sampler(eval_dataset)
-        return SeededLengthGroupedSampler(self.args.eval_batch_size, lengths, seed=self._sampler_seed())
-
-    # Saving: whole or absent -------------------------------------------------------------------------------------
-    def _get_output_dir(self, trial) -> str:
-        # While `_save_checkpoint` runs, the Trainer's checkpoint goes into the staging directory.
-        return self._staging_run_dir or super()._get_output_dir(trial)
-
-    def _save_checkpoint(self, model, trial) -> None:
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
-
-        folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        run_dir = Path(self._get_output_dir(trial))
-        staging_root = run_dir / staging_name(folder)
-        if self.accelerator.is_local_main_process:  # what an interrupted save of this step left
-            shutil.rmtree(staging_root, ignore_errors=True)
-        self.accelerator.wait_for_everyone()
-        self._staging_run_dir = str(staging_root)
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._staging_run_dir = None
-        staged, final = staging_root / folder, run_dir / folder
-        if self.args.should_save and staged.is_dir():
-            self._add_processor_files(staged)
-            best = self.state.best_model_checkpoint
-            if best and Path(best) == staged:  # the Trainer recorded the staging path: point at the final one
-                self.state.best_model_checkpoint = str(final)
-                self.state.save_to_json(str(staged / TRAINER_STATE_NAME))
-        self.accelerator.wait_for_everyone()  # every process has written its part (DeepSpeed shards)
-        if self.accelerator.is_local_main_process and staged.is_dir():
-            replace_directory(staged, final)
-            shutil.rmtree(staging_root, ignore_errors=True)
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save:  # the Trainer rotated inside the staging directory: rotate the real ones
-            rotate_checkpoints(
-                output_dir=str(run_dir),
-                save_total_limit=self.args.save_total_limit,
-                best_model_checkpoint=self.state.best_model_checkpoint,
-                use_mtime=True,
-            )
-
-    def _add_processor_files(self, directory: Path) -> None:
-        """The files the Trainer's checkpoint lacks to load alone: `preprocessor_config.json` (folded into
-        processor_config.json since transformers 5) and, for a PEFT model, `generation_config.json`."""
-        from .checkpoints import save_processor_files
-
-        if self.processing_class is None or not hasattr(self.processing_class, "image_processor"):
-            return
-        generation_config = getattr(self.model, "generation_config", None)
-        save_processor_files(directory, self.processing_class, generation_config, only_missing=True)
-
-    def save_output(self, output_dir: str | Path, write_extra_files=None) -> None:
-        """Save the final model (or adapter), `trainer_state.json`, the processor files, the generation config and
-        whatever `write_extra_files(directory)` writes into `output_dir`, whole or not at all.
-
-        Everything is written into `<output_dir>/.tmp-final/` and then moved into `output_dir` file by file, with
-        `config.json` / `adapter_config.json` last; a previous run's are removed first. A kill at any moment leaves a
-        directory that `from_pretrained` does not take for a model. Every process calls it (ZeRO-3 gathers).
-        """
-        output_dir = Path(output_dir)
-        staging = output_dir / FINAL_STAGING_NAME
-        if self.accelerator.is_local_main_process:
-            shutil.rmtree(staging, ignore_errors=True)
-            withdraw_completion_files(output_dir)
-        self.accelerator.wait_for_everyone()
-        self.save_model(str(staging))
-        if self.args.should_save:
-            self.state.save_to_json(str(staging / TRAINER_STATE_NAME))
-            self._add_processor_files(staging)
-            if write_extra_files is not None:
-                write_extra_files(staging)
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_local_main_process and staging.is_dir():
-            publish_directory(staging, output_dir)
-        self.accelerator.wait_for_everyone()
-
-    # Resuming: every weight loaded, or stop -------------------------------------------------------------------
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
-        target = self.model if model is None else model
-        if has_full_weights(resume_from_checkpoint) and not self.is_fsdp_enabled and not _is_peft(self.model):
-            load_full_weights(self.accelerator.unwrap_model(target), resume_from_checkpoint)
-            return
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        trainable_dtypes = {name: p.dtype for name, p in unwrapped.named_parameters() if p.requires_grad}
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        if _is_peft(self.model):
-            # PEFT's `load_adapter` (0.18, `autocast_adapter_dtype=True`) upcasts the adapter to float32, where TRL
-            # had cast a QLoRA adapter to bfloat16: the resumed run would compute in another dtype than the run it
-            # continues. The checkpoint holds the bfloat16 values, so casting back restores them exactly.
-            for name, parameter in unwrapped.named_parameters():
-                if name in trainable_dtypes and parameter.dtype != trainable_dtypes[name]:
-                    parameter.data = parameter.data.to(trainable_dtypes[name])
-            check_adapter_loaded(unwrapped, resume_from_checkpoint)
-
-    def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        # `resume_from_checkpoint: true` from a recipe or the command line arrives as the string "true", which the
-        # Trainer takes for a path ("Can't find a valid checkpoint at true"); a given path is checked complete.
-        resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
-        return super().train(resume_from_checkpoint, *args, **kwargs)
-
-    # Optimizer ----------------------------------------------------------------------------------------------------
-    def create_optimizer(self, model=None):
-        opt_model = self.model if model is None else model
-        has_part_rates = any(rate is not None for rate in part_learning_rates(self.model_args).values())
-        if self.optimizer is None:
-            logger.info("%s", _trainable_summary(opt_model, self.model_args, self.args.learning_rate))
-        if self.optimizer is not None or not has_part_rates:
-            return super().create_optimizer(model)
-        for part, rate in part_learning_rates(self.model_args).items():
-            if rate is not None and not part_has_trainable(opt_model, part):
-                logger.warning(
-                    "`%s: %g` is set but the %s has no trainable parameters.",
-                    _PART_LR_KEYS[part],
-                    rate,
-                    _PART_NAMES[part],
-                )
-        groups = part_parameter_groups(
-            opt_model,
-            self.model_args,
-            self.args.learning_rate,
-            self.args.weight_decay,
-            self.get_decay_parameter_names(opt_model),
-        )
-        if self.optimizer_cls_and_kwargs is not None:
-            optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
-        else:
-            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
-        special = {"params", "model", "optimizer_dict"} & set(optimizer_kwargs)
-        if special or not isinstance(optimizer_cls, type):
-            raise ValueError(
-                f"`optim: {self.args.optim}` builds its own parameter groups, so per-part learning rates cannot be "
-                "applied: use an AdamW-type `optim` or drop `vision_tower_lr` / `projector_lr` / `language_model_lr`."
-            )
-        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
-        return self.optimizer
-
-
-class _FrozenVisionWithoutGrad(TrainerCallback):
-    """At the start of training, after the Trainer's own `enable_input_require_grads`: `detach_frozen_vision_inputs`."""
-
-    def __init__(self, trainer):
-        self.trainer = trainer
-        self.handles: list = []
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.handles = detach_frozen_vision_inputs(self.trainer.model, self.handles)
-        if not self.handles:
-            return
-        logger.info("Frozen vision tower: it runs without autograd (no activations kept, no backward through it).")
-        if (args.activation_checkpointing_kwargs or {}).get("use_reentrant"):
-            # Reentrant checkpointing warns for every checkpointed block whose inputs need no grad: here the frozen
-            # tower's, on purpose. Trainable blocks get inputs that require grad (`_make_checkpointed_inputs_require_grad`).
-            warnings.filterwarnings(
-                "ignore", message="None of the inputs have requires_grad=True", module="torch.utils.checkpoint"
-            )
-
-
-def _is_peft(model) -> bool:
-    from peft import PeftModel
-
-    return isinstance(model, PeftModel)
-
-
-def part_has_trainable(model, part: str) -> bool:
-    """Whether any parameter of `part` (`vision`, `projector`, `language`; the family registry's parts) trains."""
-    family = family_of_model(model)
-    return any(p.requires_grad and family.part_of(name) == part for name, p in model.named_parameters())

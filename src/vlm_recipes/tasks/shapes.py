@@ -11,8 +11,8 @@ import random
 from pathlib import Path
 
 from ..data import demo_split_sizes, write_text_atomically
-from .messages import MessagesTask
 from .base import register_task
+from .messages import MessagesTask
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 70, 220), "yellow": (235, 210, 40)}
 SHAPES = ("square", "circle", "triangle")

@@ -1,0 +1,212 @@
+"""`main` of `scripts/sft.py`: one training run from a parsed recipe, in the order that matters.
+
+Logging, data, model and processor, collator and lengths, training, a save that is whole or absent, the report, and
+evaluation by generation on the held-out split. `scripts/sft.py` parses the recipe and calls `main`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import transformers
+
+from .collator import VisionChatCollator
+from .configs import resolved_recipe
+from .distributed import (
+    check_launch,
+    close_process_group,
+    keep_checkpoint_key_names,
+    launch_summary,
+    model_for_generation,
+    with_image_in_every_batch,
+    without_zero3_sharding,
+)
+from .evaluation import base_precision, evaluate_task, format_metrics_table, load_for_generation
+from .lengths import apply_data_loading_defaults, prepare_lengths
+from .models import (
+    check_model_available,
+    load_model,
+    load_processor,
+    peft_config_for,
+)
+from .quiet import configure_logging
+from .reporting import start_run_tracking
+from .resume import resolve_resume_checkpoint
+from .tasks import task_from_args
+from .trainer import VLMSFTTrainer
+from .training import ensure_demo_inputs, load_splits, save_resolved_recipe
+
+logger = logging.getLogger(__name__)
+
+
+def main(script_args, training_args, model_args, on_trainer: Callable | None = None):
+    """Train, save and evaluate one run of parsed recipe arguments (`configs.parse_recipe`).
+
+    `on_trainer(trainer)` is called once the trainer is built, before training (the benchmark attaches its
+    step recorder there).
+    """
+    ################
+    # Logging
+    ################
+    configure_logging()  # each library's lines once; the known noise of our libraries silenced (vlm_recipes.quiet)
+    transformers.utils.logging.set_verbosity_warning()
+    check_launch(training_args)  # N launched processes that would not train together stop here, with the fix
+    # Our collator needs the raw `images` and `messages` columns; it does its own (untruncated) tokenization.
+    training_args.remove_unused_columns = False
+    training_args.dataset_kwargs = {**(training_args.dataset_kwargs or {}), "skip_prepare_dataset": True}
+    apply_data_loading_defaults(training_args, getattr(script_args, "keys_set", None))
+    # `true` -> the newest complete checkpoint; a path is checked complete. Before anything loads, so it fails fast.
+    training_args.resume_from_checkpoint = resolve_resume_checkpoint(
+        training_args.resume_from_checkpoint, training_args.output_dir
+    )
+    # Run name default and W&B settings from the recipe (the environment wins); metadata and compute report below.
+    tracking = start_run_tracking(script_args, training_args, model_args)
+
+    ################
+    # Data
+    ################
+    if not script_args.tiny_model_family:  # a demo builds its tiny model below
+        # An unknown model id or an unreachable hub stops here in seconds, naming the model and the fix.
+        check_model_available(model_args.model_name_or_path, model_args.model_revision)
+    ensure_demo_inputs(script_args, model_args.model_name_or_path)
+    eval_split = script_args.eval_split if training_args.eval_strategy != "no" else None
+    (train_dataset, eval_dataset), bad_rows = load_splits(script_args, [script_args.dataset_train_split, eval_split])
+
+    ################
+    # Model and processor
+    ################
+    processor = load_processor(
+        model_args, script_args.min_pixels, script_args.max_pixels, training_args.trust_remote_code
+    )
+    model = load_model(model_args, training_args)  # checks, dtype, 4/8-bit, frozen parts
+    keep_checkpoint_key_names(model, model_args, training_args.trust_remote_code)  # ZeRO-3 saves renamed keys
+    peft_config = peft_config_for(model, model_args)
+
+    ################
+    # Collator; sample lengths measured up front (no pixels decoded): `too_long` is applied before training (an
+    # over-long sample stops the run, or is dropped and counted) and length grouping gets its `length` column
+    ################
+    collator = VisionChatCollator(
+        processor,
+        max_length=training_args.max_length,
+        too_long=script_args.too_long,
+        on_bad_row=script_args.on_bad_row,  # an image that fails to decode in training: stop, or skip and list it
+    )
+    train_dataset, eval_dataset, dropped = prepare_lengths(
+        script_args, training_args, collator, train_dataset, eval_dataset
+    )
+    for split, names in dropped.items():
+        if names:
+            logger.warning("Dropped %d %s sample(s) over max_length=%s.", len(names), split, collator.max_length)
+
+    ################
+    # Training
+    ################
+    # SFTTrainer + per-part learning rates, checkpointing that trains every part, seeded length-grouped sampling,
+    # checkpoints that are whole or absent and load alone (processor files), resumes that load every weight
+    trainer = VLMSFTTrainer(
+        model_args=model_args,
+        model=model,
+        args=training_args,
+        data_collator=with_image_in_every_batch(collator, training_args),  # no process skips the vision tower
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=processor,
+        peft_config=peft_config,
+    )
+    if on_trainer is not None:
+        on_trainer(trainer)
+    tracking.attach(trainer, processor)  # run_info.json + W&B config at the start, compute_report.json at the end
+    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+
+    ################
+    # Save, whole or not at all: weights or adapter, trainer_state.json, processor files, generation config, recipe
+    ################
+    try:
+        trainer.save_output(
+            training_args.output_dir,
+            lambda directory: save_resolved_recipe(resolved_recipe(script_args, training_args, model_args), directory),
+        )
+    finally:
+        # The last collective was saving: all processes close their process group together, even when the main
+        # process failed to write the files above (see the docstring); what follows runs on the main process alone.
+        close_process_group(trainer)
+
+    ################
+    # Report
+    ################
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    final_loss = losses[-1] if losses else train_result.training_loss
+    if not math.isfinite(final_loss):
+        raise RuntimeError(f"Training diverged: final loss {final_loss}.")
+    total_dropped = sum(len(names) for names in dropped.values()) + collator.num_dropped
+    if trainer.accelerator.is_main_process:
+        print(f"final loss: {final_loss:.4f} (steps: {trainer.state.global_step})")
+        print(f"processes: {launch_summary(trainer)}")
+        print(f"too-long samples dropped: {total_dropped} (max_length={training_args.max_length})")
+        print(f"malformed rows skipped: {len(bad_rows.skipped)}")
+        if bad_rows.skipped:
+            print(bad_rows.summary())
+        print(collator.skipped_summary())  # from every process and data-loading worker (compute_report.json too)
+        print(f"saved to: {training_args.output_dir}")
+        if script_args.verify_saved_model:
+            with without_zero3_sharding():  # a whole model on this process alone, even after ZeRO-3
+                verify_saved_model(training_args.output_dir, bool(peft_config))
+
+    ################
+    # Evaluate by generation on the held-out split
+    ################
+    if script_args.eval_after_train and trainer.accelerator.is_main_process:
+        (test_dataset,), _ = load_splits(
+            script_args, [script_args.generation_split], limits=[script_args.generation_max_samples]
+        )
+        generation = {
+            "batch_size": training_args.per_device_eval_batch_size,
+            "max_new_tokens": script_args.max_new_tokens,
+            "temperature": script_args.temperature,
+            "do_sample": script_args.do_sample,
+        }
+        task = task_from_args(script_args)
+        with without_zero3_sharding():  # ZeRO-3/FSDP: the saved model, reloaded whole; generation on this process
+            metrics = evaluate_task(
+                model_for_generation(trainer, training_args.output_dir, training_args.trust_remote_code),
+                processor,
+                task,
+                test_dataset,
+                training_args.output_dir,
+                **generation,
+            )
+        on_base = f", the adapter on its {base_precision(model_args)} base as trained" if peft_config else ""
+        print(f"evaluation on {script_args.generation_split!r} by generation{on_base}:")
+        if script_args.tiny_model_family:
+            # A demo: its untrained tiny model is small and still on disk, so evaluating it too costs seconds and shows
+            # what training changed, the way `scripts/evaluate.py --baseline` does (into output_dir/baseline/).
+            base = model_args.model_name_or_path
+            base_model, base_processor = load_for_generation(base, trust_remote_code=training_args.trust_remote_code)
+            baseline_dir = Path(training_args.output_dir) / "baseline"
+            baseline = evaluate_task(
+                base_model, base_processor, task, test_dataset, baseline_dir, log_to_run=False, **generation
+            )
+            print(format_metrics_table(metrics, baseline, names=("trained", "untrained")))
+        else:
+            print(format_metrics_table(metrics))
+    tracking.finish()  # closes the W&B run, if any, with the evaluation in it
+
+
+def verify_saved_model(output_dir, is_adapter):
+    """Reload the output directory the way a user would, as a check that it is complete."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    AutoProcessor.from_pretrained(output_dir)
+    if is_adapter:
+        from peft import PeftConfig
+
+        base = PeftConfig.from_pretrained(output_dir).base_model_name_or_path
+        model = AutoModelForImageTextToText.from_pretrained(base)
+        model.load_adapter(output_dir)
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(output_dir)
+    print(f"reloaded: {type(model).__name__} with {sum(p.numel() for p in model.parameters())} parameters")
