@@ -665,7 +665,7 @@ def _train_stock_trl(workspace: Workspace, settings: Settings, hand_over=None) -
     script_args, training_args, model_args = workspace.recipe_args("shapes_qwen2vl", overrides)
     # Equal settings: the data loading (workers, pinned memory) that scripts/sft.py's path gets on this machine; the
     # sampler stays TRL's own.
-    apply_data_loading_defaults(training_args, getattr(script_args, "keys_set", None))
+    apply_data_loading_defaults(training_args, script_args.keys_set)
     data_dir = Path(script_args.dataset_path)
     rows = task_from_args(script_args).load_rows(data_dir, script_args.dataset_train_split, data_dir, BadRowReport())
     records = [{"images": row["images"], "messages": normalize_messages(row["messages"])} for row in rows]
@@ -1138,7 +1138,7 @@ def write_synthetic_screens(directory: Path, count: int, height: int, width: int
     import numpy as np
     from PIL import Image
 
-    from vlm_recipes.data import write_text_atomically
+    from vlm_recipes.files import write_text_atomically
 
     directory = Path(directory)
     if (directory / "train.jsonl").is_file():
@@ -1841,7 +1841,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
 
 
 def main(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
-    from vlm_recipes.data import write_text_atomically
+    from vlm_recipes.files import write_text_atomically
 
     if 5 in settings.parts:
         require_cuda()  # before anything is built

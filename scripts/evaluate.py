@@ -19,13 +19,8 @@ import sys
 from pathlib import Path
 
 from vlm_recipes.configs import RecipeError, parse_recipe
-from vlm_recipes.evaluation import (
-    adapter_base,
-    base_precision,
-    evaluate_task,
-    format_metrics_table,
-    load_for_generation,
-)
+from vlm_recipes.evaluation import evaluate_task, format_metrics_table
+from vlm_recipes.generation import adapter_base, base_precision, load_for_generation
 from vlm_recipes.tasks import task_from_args
 from vlm_recipes.training import load_splits
 

@@ -148,11 +148,11 @@ def check_direct_rendering(processor, expect_direct: bool = True):
     collator = VisionChatCollator(processor)
     assert (collator._direct_template is not None) == expect_direct
     for example in conversations():
-        messages, _ = collator._validate(example, "row")
+        messages, _ = collator.validate_example(example, "row")
         for turn in range(1, len(messages) + 1):
             for cue in (False, True):
                 expected = processor.apply_chat_template(messages[:turn], tokenize=False, add_generation_prompt=cue)
-                assert collator._render(messages[:turn], add_generation_prompt=cue) == expected
+                assert collator.render_messages(messages[:turn], add_generation_prompt=cue) == expected
 
 
 class TestLabelsTinyFamilies:
@@ -491,7 +491,7 @@ class TestValidatedMessagesArePlain:
                 {"role": "assistant", "content": [{"type": "text", "text": _Text("yes")}]},
             ],
         }
-        messages, _ = collator._validate(example, "row")
+        messages, _ = collator.validate_example(example, "row")
         values = [m["role"] for m in messages] + [item["text"] for m in messages for item in m["content"]]
         assert values == ["user", "assistant", "hi", "yes"]
         assert all(type(value) is str for value in values)
@@ -525,31 +525,31 @@ class TestPromptCache:
     def test_new_template_or_special_tokens_start_a_new_cache(self, tiny_model_dirs):
         processor = tiny_processor(tiny_model_dirs, "qwen2_vl")
         collator = VisionChatCollator(processor)
-        messages, _ = collator._validate({"images": [], "messages": [user("hi"), assistant("yes")]}, "row")
-        before = collator._render(messages[:1], add_generation_prompt=True)
+        messages, _ = collator.validate_example({"images": [], "messages": [user("hi"), assistant("yes")]}, "row")
+        before = collator.render_messages(messages[:1], add_generation_prompt=True)
         processor.chat_template = "PREFIX " + processor.chat_template
-        assert collator._render(messages[:1], add_generation_prompt=True) == "PREFIX " + before
+        assert collator.render_messages(messages[:1], add_generation_prompt=True) == "PREFIX " + before
         processor.chat_template = processor.chat_template + "{{ eos_token }}"
-        with_old_eos = collator._render(messages[:1], add_generation_prompt=True)
+        with_old_eos = collator.render_messages(messages[:1], add_generation_prompt=True)
         processor.tokenizer.eos_token = processor.tokenizer.pad_token  # the same template, another special token
         expected = processor.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
         assert expected.endswith(processor.tokenizer.pad_token) and expected != with_old_eos
-        assert collator._render(messages[:1], add_generation_prompt=True) == expected
+        assert collator.render_messages(messages[:1], add_generation_prompt=True) == expected
 
     def test_templates_that_vary_between_calls_are_not_cached(self, tiny_model_dirs):
         processor = tiny_processor(tiny_model_dirs, "qwen2_vl")
         processor.chat_template = "{{ strftime_now('%H:%M:%S.%f') }}" + processor.chat_template
         collator = VisionChatCollator(processor)
-        messages, _ = collator._validate({"images": [], "messages": [user("hi"), assistant("yes")]}, "row")
-        collator._render(messages[:1], add_generation_prompt=True)
+        messages, _ = collator.validate_example({"images": [], "messages": [user("hi"), assistant("yes")]}, "row")
+        collator.render_messages(messages[:1], add_generation_prompt=True)
         assert collator._prompts == {}
 
     def test_size_is_bounded(self, tiny_model_dirs, monkeypatch):
         monkeypatch.setattr(collator_module, "_PROMPT_CACHE_SIZE", 3)
         collator = VisionChatCollator(tiny_processor(tiny_model_dirs, "qwen2_vl"))
         for question in range(7):
-            messages, _ = collator._validate({"messages": [user(f"q{question}"), assistant("a")]}, "row")
-            collator._render(messages[:1], add_generation_prompt=True)
+            messages, _ = collator.validate_example({"messages": [user(f"q{question}"), assistant("a")]}, "row")
+            collator.render_messages(messages[:1], add_generation_prompt=True)
             assert len(collator._prompts) <= 3
         assert len(collator._prompts) == 1  # started again at the seventh
 

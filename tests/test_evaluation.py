@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from vlm_recipes.configs import VLMScriptArguments
-from vlm_recipes.evaluation import evaluate_task, strict_json_value, write_json_atomically
+from vlm_recipes.evaluation import evaluate_task
+from vlm_recipes.files import strict_json_value, write_json_atomically
 from vlm_recipes.tasks import get_task
 from vlm_recipes.training import load_splits
 

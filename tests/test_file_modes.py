@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from vlm_recipes.configs import VLMScriptArguments
-from vlm_recipes.file_modes import apply_user_modes, current_umask
+from vlm_recipes.files import apply_user_modes, current_umask
 from vlm_recipes.resume import publish_directory, replace_directory
 from vlm_recipes.training import ensure_demo_inputs
 

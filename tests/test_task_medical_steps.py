@@ -579,11 +579,11 @@ class TestPredictor:
         assert generator.calls[1]["contexts"] == [(rows[0]["user_goal"], {"n": 0}, {"n": 0})]
 
     def test_load_predictor(self, monkeypatch):
-        import vlm_recipes.evaluation
+        import vlm_recipes.generation
 
         loaded = []
         monkeypatch.setattr(
-            vlm_recipes.evaluation, "load_for_generation", lambda *args: loaded.append(args) or ("model", "processor")
+            vlm_recipes.generation, "load_for_generation", lambda *args: loaded.append(args) or ("model", "processor")
         )
         predictor = medical_steps.load_predictor("out/adapter", "base/model", temperature=0.5)
         assert loaded == [("out/adapter", "base/model", False)]

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .families import detect_family, model_class_for
-from .file_modes import apply_user_modes
+from .files import apply_user_modes
 
 logger = logging.getLogger(__name__)
 
@@ -740,7 +740,7 @@ def check_model(
     """Load a model (full or LoRA adapter) and answer `prompt` about `demo_image()`; errors land in `.error`."""
     import torch
 
-    from .evaluation import load_for_generation
+    from .generation import load_for_generation
 
     result = ModelCheck(str(path))
     try:

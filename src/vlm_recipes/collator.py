@@ -41,14 +41,14 @@ except ImportError:  # renamed in a later transformers: the collator renders thr
 
 from . import family_collation
 from .chat_templates import fill_missing_chat_template
-from .data import LISTED_BAD_ROWS, DataError
+from .constants import IGNORE_INDEX, LabelReason
+from .data import LISTED_BAD_ROWS, DataError, row_name
 from .families import processor_layout
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["IGNORE_INDEX", "LabelReason", "VisionChatCollator", "normalize_messages", "special_tokens_kwargs"]
 
-IGNORE_INDEX = -100
 # Rendered prompts a collator keeps (`VisionChatCollator._cached_prompt`): with their keys, about twice the text of
 # 1024 prompts (2 MB for prompts of 1 KB), in each data-loading worker.
 _PROMPT_CACHE_SIZE = 1024
@@ -58,19 +58,6 @@ _NONDETERMINISTIC_TEMPLATE = re.compile(r"strftime|random|lipsum")
 TOO_LONG_POLICIES = ("error", "drop")
 BAD_ROW_POLICIES = ("error", "skip")
 ROLES = ("system", "user", "assistant")
-
-
-class LabelReason:
-    """Why a token is supervised or masked (used by `VisionChatCollator.explain`)."""
-
-    ASSISTANT = "supervised: assistant turn"
-    PROMPT_CUE = "masked: assistant prompt cue (what add_generation_prompt renders)"
-    ADDED_EOS = "supervised: end-of-turn appended by the collator"
-    IMAGE = "masked: image token"
-    PADDING = "masked: padding"
-    SYSTEM = "masked: system turn"
-    USER = "masked: user turn"
-    TEMPLATE = "masked: chat-template text outside any turn"
 
 
 @dataclass
@@ -84,11 +71,6 @@ class _RenderedRow:
     # Filled only for `explain`: (start, end, role) of every message, and where an end-of-turn token was appended.
     message_regions: list[tuple[int, int, str]] = field(default_factory=list)
     added_eos_spans: list[tuple[int, int]] = field(default_factory=list)
-
-
-def _row_name(example: dict[str, Any], index: int) -> str:
-    row_id = example.get("id")
-    return f"row {index} (id {row_id!r})" if row_id is not None else f"row {index}"
 
 
 def _sample_name(example: dict[str, Any]) -> str:
@@ -248,9 +230,10 @@ class VisionChatCollator:
         self._last_good: dict[str, Any] | None = None
         self._warned_added_eos = False
         # PaliGemma (prefix/suffix) and Florence-2 (encoder-decoder) take the prompt and the answer as two inputs,
-        # not one rendered conversation: `vlm_recipes.family_collation` encodes them (hooks in encode,
-        # sample_length and explain).
+        # not one rendered conversation: `family_collation.PromptAnswerEncoder` encodes them (called
+        # from encode, sample_length and explain).
         self.layout = processor_layout(processor)
+        self.prompt_answer = family_collation.PromptAnswerEncoder(self) if self.layout != "causal" else None
         # A processor with its own `apply_chat_template` (SmolVLMProcessor, remote code) is always called through it.
         self._stock_apply = getattr(type(processor), "apply_chat_template", None) is ProcessorMixin.apply_chat_template
         # Special tokens that can close a turn: anything special except what stands for an image.
@@ -275,7 +258,7 @@ class VisionChatCollator:
         template = self.processor.chat_template
         return template if self._stock_apply and isinstance(template, str) else None
 
-    def _render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
+    def render_messages(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
         template = self._direct_template
         if template is None or not add_generation_prompt:
             return self._render_uncached(template, messages, add_generation_prompt)
@@ -341,7 +324,7 @@ class VisionChatCollator:
             **self.tokenizer.special_tokens_map,
         )
 
-    def _validate(self, example: dict[str, Any], name: str) -> tuple[list[dict[str, Any]], list[Any]]:
+    def validate_example(self, example: dict[str, Any], name: str) -> tuple[list[dict[str, Any]], list[Any]]:
         if not isinstance(example, dict) or "messages" not in example:
             raise DataError(f"{name}: an example must be a dict with `messages` (and `images`), got {example!r:.200}.")
         if example.get("image_error"):
@@ -380,7 +363,7 @@ class VisionChatCollator:
         return messages, list(images)
 
     def _render_row(self, example: dict[str, Any], index: int, with_regions: bool = False) -> _RenderedRow:
-        name = _row_name(example, index)
+        name = row_name(example, index)
         try:
             return self._render_validated_row(example, name, with_regions)
         except TemplateError as error:
@@ -389,8 +372,8 @@ class VisionChatCollator:
             raise DataError(f"{name}: the chat template refuses this conversation: {error}") from None
 
     def _render_validated_row(self, example: dict[str, Any], name: str, with_regions: bool) -> _RenderedRow:
-        messages, images = self._validate(example, name)
-        text = self._render(messages)
+        messages, images = self.validate_example(example, name)
+        text = self.render_messages(messages)
         spans: list[tuple[int, int]] = []
         regions: list[tuple[int, int, str]] = []
         previous_end = 0
@@ -398,7 +381,7 @@ class VisionChatCollator:
             if message["role"] != "assistant" and not with_regions:
                 continue
             # The whole conversation is already rendered: its last turn needs no second rendering.
-            through_turn = text if turn == len(messages) - 1 else self._render(messages[: turn + 1])
+            through_turn = text if turn == len(messages) - 1 else self.render_messages(messages[: turn + 1])
             if not text.startswith(through_turn):
                 raise ValueError(
                     f"{name}: the chat template renders the first {turn + 1} messages differently from the start of "
@@ -406,7 +389,7 @@ class VisionChatCollator:
                     "conversation prefix is a prefix of its output (e.g. one that keeps earlier reasoning)."
                 )
             if message["role"] == "assistant":
-                prompt = self._render(messages[:turn], add_generation_prompt=True)
+                prompt = self.render_messages(messages[:turn], add_generation_prompt=True)
                 if not through_turn.startswith(prompt) or not prompt.startswith(text[:previous_end]):
                     raise ValueError(
                         f"{name}: with `add_generation_prompt=True` the chat template does not render a prefix of "
@@ -441,8 +424,8 @@ class VisionChatCollator:
         marker = "vlm-recipes-system-turn-marker"
         system = {"role": "system", "content": [{"type": "text", "text": marker}]}
         try:
-            system_only = self._render([system])
-            with_system = self._render([system, first_message])
+            system_only = self.render_messages([system])
+            with_system = self.render_messages([system, first_message])
         except TemplateError:  # a template that takes no system turn adds none either
             return 0
         if marker not in system_only or not with_system.startswith(system_only):
@@ -615,7 +598,7 @@ class VisionChatCollator:
         supervised &= encoded["attention_mask"].numpy().astype(bool)
         return torch.where(torch.from_numpy(supervised), encoded["input_ids"], IGNORE_INDEX)
 
-    def _check_lengths(self, rows: list[_RenderedRow], encoded: dict[str, Any]) -> list[int]:
+    def check_lengths(self, rows: list[_RenderedRow], encoded: dict[str, Any]) -> list[int]:
         """Return the indices of rows longer than `max_length` (raising in `error` mode)."""
         if self.max_length is None:
             return []
@@ -634,18 +617,18 @@ class VisionChatCollator:
     def encode(self, examples: Sequence[dict[str, Any]], with_regions: bool = False):
         """Render, process and label examples; returns `(batch, rows)` with the rendered rows kept for inspection."""
         if self.layout != "causal":  # no character offsets there: `explain` has its own path for these families
-            batch, rows = family_collation.encode_prompt_answer(self, examples)
+            batch, rows = self.prompt_answer.encode(examples)
             return batch, rows, None, None
         rows = [self._render_row(example, i, with_regions) for i, example in enumerate(examples)]
         encoded, offsets, replacements = self._process(rows)
-        too_long = self._check_lengths(rows, encoded)
+        too_long = self.check_lengths(rows, encoded)
         if too_long:
-            rows = self._drop(rows, too_long)
+            rows = self.drop_too_long(rows, too_long)
             encoded, offsets, replacements = self._process(rows)
         encoded["labels"] = self._labels(rows, encoded, offsets, replacements)
         return encoded, rows, offsets, replacements
 
-    def _drop(self, rows: list, too_long: list[int]) -> list:
+    def drop_too_long(self, rows: list, too_long: list[int]) -> list:
         """The rows left after dropping those at `too_long` (with `too_long: drop`), counted, named and logged."""
         self.num_dropped += len(too_long)
         self.dropped_names.extend(rows[i].name for i in too_long)
@@ -777,7 +760,7 @@ class VisionChatCollator:
     def sample_length(self, example: dict[str, Any], index: int = 0) -> int:
         """Token count of one example as the model sees it (image tokens included), without truncation."""
         if self.layout != "causal":
-            return family_collation.prompt_answer_length(self, example, index)
+            return self.prompt_answer.sample_length(example, index)
         row = self._render_row(example, index)
         encoded, _, _ = self._process([row])
         return int(encoded["attention_mask"].sum())
@@ -792,7 +775,7 @@ class VisionChatCollator:
         for index in tqdm(range(len(dataset)), desc=f"Measuring {name} lengths", leave=False):
             example = dataset[index]
             if self.sample_length(example, index) > self.max_length:
-                dropped.append(_row_name(example, index))
+                dropped.append(row_name(example, index))
             else:
                 kept.append(index)
         return (dataset.select(kept) if dropped else dataset), dropped
@@ -800,7 +783,7 @@ class VisionChatCollator:
     def explain(self, example: dict[str, Any]) -> list[tuple[int, str, int, str]]:
         """Return `(token_id, token_text, label, reason)` for each token of one example, for debugging data."""
         if self.layout != "causal":
-            return family_collation.explain_prompt_answer(self, example)
+            return self.prompt_answer.explain(example)
         batch, rows, offsets, replacements = self.encode([example], with_regions=True)
         row, offsets, replacements = rows[0], offsets[0], replacements[0]
         input_ids, labels, attention = batch["input_ids"][0], batch["labels"][0], batch["attention_mask"][0]

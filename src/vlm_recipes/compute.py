@@ -45,13 +45,13 @@ import torch
 from transformers import TrainerCallback
 
 from .comparison import COMPUTE_REPORT_NAME
-from .data import write_text_atomically
+from .constants import IGNORE_INDEX
+from .files import write_text_atomically
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["COMPUTE_REPORT_NAME", "ComputeReportCallback", "image_token_id_of", "track_compute"]
 
-IGNORE_INDEX = -100
 # Order of the per-process counters in one tensor, so that one reduction sums them all.
 COUNTERS = ("samples_seen", "tokens_seen", "padded_tokens", "supervised_tokens", "image_tokens")
 

@@ -154,6 +154,10 @@ class VLMScriptArguments(ScriptArguments):
     wandb_entity: str | None = field(default=None, metadata={"help": "W&B entity (`WANDB_ENTITY` wins)."})
     wandb_group: str | None = field(default=None, metadata={"help": "W&B group (`WANDB_RUN_GROUP` wins)."})
     wandb_tags: list[str] | None = field(default=None, metadata={"help": "W&B tags (`WANDB_TAGS` wins)."})
+    # Set by `parse_recipe`, not recipe keys: the options of the recipe's task (`Task.options` fields), and the keys
+    # the user set (recipe file and command line), so that scripts choose defaults for the others.
+    task_options: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
+    keys_set: set[str] = field(default_factory=set, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if self.too_long not in TOO_LONG_POLICIES:
@@ -689,6 +693,6 @@ def resolved_recipe(
             value = _plain(values[dataclass_field.name])
             if value != _plain(_field_default(dataclass_field)):
                 resolved[dataclass_field.name] = value
-    resolved.update(_plain(getattr(script_args, "task_options", {})))
+    resolved.update(_plain(script_args.task_options))
     # Placeholders that `to_dict` puts in place of secrets are not recipe values.
     return {key: value for key, value in resolved.items() if not (isinstance(value, str) and value.startswith("<"))}

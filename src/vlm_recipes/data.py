@@ -37,9 +37,9 @@ __all__ = [
     "read_image_header",
     "read_jsonl",
     "resolve_image",
+    "row_name",
     "to_rgb",
     "without_pil_pixel_limit",
-    "write_text_atomically",
 ]
 
 # PIL's own `Image.MAX_IMAGE_PIXELS` (Pillow 11-13), the default of the recipe key `max_image_pixels`.
@@ -107,14 +107,6 @@ def demo_split_sizes(num: int, min_held_out: int = 1) -> dict[str, int]:
     if num - 2 * held_out < 1:
         raise ValueError(f"{num} samples cannot fill val and test ({held_out} each) and leave any for train.")
     return {"train": num - 2 * held_out, "val": held_out, "test": held_out}
-
-
-def write_text_atomically(path: str | Path, text: str) -> None:
-    """Write to a temporary sibling, then rename: a crash never leaves a half-written file that looks complete."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    temporary.replace(path)
 
 
 def decode_utf8_lines(data: bytes) -> tuple[list[str], dict[int, str]]:
@@ -363,3 +355,9 @@ def _decode_json_columns(batch: dict[str, list[Any]], max_image_pixels: int | No
     for key in sorted({key for extra in extras for key in extra}):
         batch[key] = [extra.get(key) for extra in extras]
     return batch
+
+
+def row_name(example: dict[str, Any], index: int) -> str:
+    """How errors name a row of a batch or split: its index and its id."""
+    row_id = example.get("id")
+    return f"row {index} (id {row_id!r})" if row_id is not None else f"row {index}"

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from .constants import IGNORE_INDEX
 from .families import model_class_for
 
 logger = logging.getLogger(__name__)
@@ -44,8 +45,6 @@ __all__ = [
     "with_image_in_every_batch",
     "without_zero3_sharding",
 ]
-
-IGNORE_INDEX = -100
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -356,7 +355,7 @@ def model_for_generation(trainer, output_dir: str | Path, trust_remote_code: boo
     """
     if not parameters_are_sharded(trainer):
         return trainer.accelerator.unwrap_model(trainer.model)
-    from .evaluation import load_for_generation
+    from .generation import load_for_generation
 
     logger.info("Parameters are sharded (ZeRO-3/FSDP): reloading %s on the main process to evaluate.", output_dir)
     model, _ = load_for_generation(output_dir, trust_remote_code=trust_remote_code)

@@ -29,17 +29,13 @@ from typing import Any
 
 import torch
 
+from .constants import IGNORE_INDEX, LabelReason
+from .data import row_name
 from .families import family_of_processor
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "PromptAnswerRow",
-    "encode_prompt_answer",
-    "explain_prompt_answer",
-    "legacy_replacement_offsets",
-    "prompt_answer_length",
-]
+__all__ = ["PromptAnswerEncoder", "PromptAnswerRow", "legacy_replacement_offsets"]
 
 PROMPT_REASON = "masked: prompt (what the model reads)"
 ENCODER_REASON = "masked: encoder input (the prompt)"
@@ -56,119 +52,118 @@ class PromptAnswerRow:
     images: list[Any]
 
 
-def _layout(collator) -> str:
-    return family_of_processor(collator.processor).layout
-
-
-def _prompt_answer_row(collator, example: dict[str, Any], index: int) -> PromptAnswerRow:
-    from .collator import _row_name
-
-    name = _row_name(example, index)
-    messages, images = collator._validate(example, name)
-    family = family_of_processor(collator.processor)
-    assistant_turns = [turn for turn, message in enumerate(messages) if message["role"] == "assistant"]
-    if assistant_turns != [len(messages) - 1]:
-        raise ValueError(
-            f"{name}: {family.name} takes one prompt and one answer, so a sample must end with its only assistant "
-            f"turn; this one has {len(assistant_turns)} assistant turn(s) among {len(messages)} messages. Split "
-            "multi-turn conversations into one sample per answer."
-        )
-    if family.layout == "encoder_decoder" and len(images) != 1:
-        raise ValueError(f"{name}: {family.name} reads exactly one image per sample, got {len(images)}.")
-    if family.layout == "prefix_suffix" and not images:
-        raise ValueError(
-            f"{name}: {family.name} needs at least one image per sample (its processor refuses text only)."
-        )
-    prompt = collator._render(messages[:-1], add_generation_prompt=True)
-    answer = "".join(item["text"] for item in messages[-1]["content"])
-    return PromptAnswerRow(name=name, prompt=prompt, answer=answer, images=images)
-
-
 def _decoder_start_token_id(tokenizer) -> int:
     # BART convention, kept by every Florence-2 checkpoint (`decoder_start_token_id` = `eos_token_id` = 2): the
     # processor cannot tell us the model's value, and the tiny model is built with the same convention.
     return tokenizer.eos_token_id
 
 
-def _process(collator, rows: list[PromptAnswerRow]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Tensors of a batch, and a mask whose row sums are the sample lengths (prompt + answer tokens)."""
-    from transformers import BatchFeature
+class PromptAnswerEncoder:
+    """The prompt/answer path of a `VisionChatCollator` (PaliGemma, Florence-2), which the collator owns and calls
+    from `encode`, `sample_length` and `explain`. It uses the collator's public checks (`validate_example`,
+    `render_messages`, `check_lengths`, `drop_too_long`), so the `max_length` / `too_long` policy is the same."""
 
-    from .collator import IGNORE_INDEX
+    def __init__(self, collator):
+        self.collator = collator
+        self.layout = family_of_processor(collator.processor).layout
 
-    processor, tokenizer = collator.processor, collator.tokenizer
-    padding = {"padding": True, "padding_side": "right", "return_tensors": "pt"}
-    if collator.pad_to_multiple_of is not None:
-        padding["pad_to_multiple_of"] = collator.pad_to_multiple_of
-    prompts, answers, images = [row.prompt for row in rows], [row.answer for row in rows], [row.images for row in rows]
-    if _layout(collator) == "prefix_suffix":
-        # Tensors are made here: the processor's backward-compatible labels would go through NumPy with a warning.
-        encoded = processor(text=prompts, images=images, suffix=answers, **{**padding, "return_tensors": None})
-        batch = dict(BatchFeature(dict(encoded), tensor_type="pt"))
-        # The processor also returns labels (kept there for backward compatibility); ours are built from the same
-        # `token_type_ids`, explicitly excluding padding.
-        batch.pop("labels", None)
-        answer_tokens = (batch["token_type_ids"] == 1) & batch["attention_mask"].bool()
-        batch["labels"] = batch["input_ids"].masked_fill(~answer_tokens, IGNORE_INDEX)
-        return batch, batch["attention_mask"]
-    batch = dict(processor(text=prompts, images=[row_images[0] for row_images in images], **padding))
-    targets = tokenizer(
-        [tokenizer.bos_token + answer + tokenizer.eos_token for answer in answers],
-        add_special_tokens=False,
-        **padding,
-    )
-    labels = targets["input_ids"].masked_fill(targets["attention_mask"] == 0, IGNORE_INDEX)
-    decoder_input_ids = torch.full_like(labels, tokenizer.pad_token_id)
-    decoder_input_ids[:, 0] = _decoder_start_token_id(tokenizer)
-    decoder_input_ids[:, 1:] = targets["input_ids"][:, :-1]
-    batch.update(labels=labels, shift_labels=labels, decoder_input_ids=decoder_input_ids)
-    return batch, torch.cat([batch["attention_mask"], targets["attention_mask"]], dim=1)
+    def row(self, example: dict[str, Any], index: int) -> PromptAnswerRow:
+        name = row_name(example, index)
+        messages, images = self.collator.validate_example(example, name)
+        family = family_of_processor(self.collator.processor)
+        assistant_turns = [turn for turn, message in enumerate(messages) if message["role"] == "assistant"]
+        if assistant_turns != [len(messages) - 1]:
+            raise ValueError(
+                f"{name}: {family.name} takes one prompt and one answer, so a sample must end with its only assistant "
+                f"turn; this one has {len(assistant_turns)} assistant turn(s) among {len(messages)} messages. Split "
+                "multi-turn conversations into one sample per answer."
+            )
+        if family.layout == "encoder_decoder" and len(images) != 1:
+            raise ValueError(f"{name}: {family.name} reads exactly one image per sample, got {len(images)}.")
+        if family.layout == "prefix_suffix" and not images:
+            raise ValueError(
+                f"{name}: {family.name} needs at least one image per sample (its processor refuses text only)."
+            )
+        prompt = self.collator.render_messages(messages[:-1], add_generation_prompt=True)
+        answer = "".join(item["text"] for item in messages[-1]["content"])
+        return PromptAnswerRow(name=name, prompt=prompt, answer=answer, images=images)
 
+    def process(self, rows: list[PromptAnswerRow]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Tensors of a batch, and a mask whose row sums are the sample lengths (prompt + answer tokens)."""
+        from transformers import BatchFeature
 
-def encode_prompt_answer(collator, examples) -> tuple[dict[str, torch.Tensor], list[PromptAnswerRow]]:
-    """`VisionChatCollator.encode` for prompt/answer families; the same `max_length` / `too_long` policy."""
-    rows = [_prompt_answer_row(collator, example, index) for index, example in enumerate(examples)]
-    batch, length_mask = _process(collator, rows)
-    # `_check_lengths` sums an attention mask per row: here the prompt's and the answer's together.
-    too_long = collator._check_lengths(rows, {"attention_mask": length_mask})
-    if too_long:
-        rows = collator._drop(rows, too_long)
-        batch, _ = _process(collator, rows)
-    return batch, rows
-
-
-def prompt_answer_length(collator, example: dict[str, Any], index: int = 0) -> int:
-    """Tokens of one sample: prompt (image tokens included) plus answer, encoder and decoder together."""
-    _, length_mask = _process(collator, [_prompt_answer_row(collator, example, index)])
-    return int(length_mask.sum())
-
-
-def explain_prompt_answer(collator, example: dict[str, Any]) -> list[tuple[int, str, int, str]]:
-    """`VisionChatCollator.explain` for prompt/answer families: Florence-2's encoder tokens, then its decoder's."""
-    from .collator import IGNORE_INDEX, LabelReason
-
-    rows = [_prompt_answer_row(collator, example, 0)]
-    batch, _ = _process(collator, rows)
-    image_token_id = collator.tokenizer.convert_tokens_to_ids(collator.processor.image_token)
-    input_ids = batch["input_ids"][0].tolist()
-    tokens = collator.tokenizer.convert_ids_to_tokens(input_ids)
-    explained = []
-    if _layout(collator) == "prefix_suffix":
-        for token_id, token, label in zip(input_ids, tokens, batch["labels"][0].tolist()):
-            if label != IGNORE_INDEX:
-                reason = LabelReason.ASSISTANT
-            else:
-                reason = LabelReason.IMAGE if token_id == image_token_id else PROMPT_REASON
-            explained.append((token_id, token, label, reason))
-        return explained
-    for token_id, token in zip(input_ids, tokens):
-        explained.append(
-            (token_id, token, IGNORE_INDEX, LabelReason.IMAGE if token_id == image_token_id else ENCODER_REASON)
+        processor, tokenizer = self.collator.processor, self.collator.tokenizer
+        padding = {"padding": True, "padding_side": "right", "return_tensors": "pt"}
+        if self.collator.pad_to_multiple_of is not None:
+            padding["pad_to_multiple_of"] = self.collator.pad_to_multiple_of
+        prompts, answers, images = (
+            [row.prompt for row in rows],
+            [row.answer for row in rows],
+            [row.images for row in rows],
         )
-    labels = batch["labels"][0].tolist()
-    for token_id, token in zip(labels, collator.tokenizer.convert_ids_to_tokens(labels)):
-        explained.append((token_id, token, token_id, DECODER_REASON))
-    return explained
+        if self.layout == "prefix_suffix":
+            # Tensors are made here: the processor's backward-compatible labels would go through NumPy with a warning.
+            encoded = processor(text=prompts, images=images, suffix=answers, **{**padding, "return_tensors": None})
+            batch = dict(BatchFeature(dict(encoded), tensor_type="pt"))
+            # The processor also returns labels (kept there for backward compatibility); ours are built from the same
+            # `token_type_ids`, explicitly excluding padding.
+            batch.pop("labels", None)
+            answer_tokens = (batch["token_type_ids"] == 1) & batch["attention_mask"].bool()
+            batch["labels"] = batch["input_ids"].masked_fill(~answer_tokens, IGNORE_INDEX)
+            return batch, batch["attention_mask"]
+        batch = dict(processor(text=prompts, images=[row_images[0] for row_images in images], **padding))
+        targets = tokenizer(
+            [tokenizer.bos_token + answer + tokenizer.eos_token for answer in answers],
+            add_special_tokens=False,
+            **padding,
+        )
+        labels = targets["input_ids"].masked_fill(targets["attention_mask"] == 0, IGNORE_INDEX)
+        decoder_input_ids = torch.full_like(labels, tokenizer.pad_token_id)
+        decoder_input_ids[:, 0] = _decoder_start_token_id(tokenizer)
+        decoder_input_ids[:, 1:] = targets["input_ids"][:, :-1]
+        batch.update(labels=labels, shift_labels=labels, decoder_input_ids=decoder_input_ids)
+        return batch, torch.cat([batch["attention_mask"], targets["attention_mask"]], dim=1)
+
+    def encode(self, examples) -> tuple[dict[str, torch.Tensor], list[PromptAnswerRow]]:
+        """`VisionChatCollator.encode` for prompt/answer families; the same `max_length` / `too_long` policy."""
+        rows = [self.row(example, index) for index, example in enumerate(examples)]
+        batch, length_mask = self.process(rows)
+        # `check_lengths` sums an attention mask per row: here the prompt's and the answer's together.
+        too_long = self.collator.check_lengths(rows, {"attention_mask": length_mask})
+        if too_long:
+            rows = self.collator.drop_too_long(rows, too_long)
+            batch, _ = self.process(rows)
+        return batch, rows
+
+    def sample_length(self, example: dict[str, Any], index: int = 0) -> int:
+        """Tokens of one sample: prompt (image tokens included) plus answer, encoder and decoder together."""
+        _, length_mask = self.process([self.row(example, index)])
+        return int(length_mask.sum())
+
+    def explain(self, example: dict[str, Any]) -> list[tuple[int, str, int, str]]:
+        """`VisionChatCollator.explain` for prompt/answer families: Florence-2's encoder tokens, then its decoder's."""
+        rows = [self.row(example, 0)]
+        batch, _ = self.process(rows)
+        image_token_id = self.collator.tokenizer.convert_tokens_to_ids(self.collator.processor.image_token)
+        input_ids = batch["input_ids"][0].tolist()
+        tokens = self.collator.tokenizer.convert_ids_to_tokens(input_ids)
+        explained = []
+        if self.layout == "prefix_suffix":
+            for token_id, token, label in zip(input_ids, tokens, batch["labels"][0].tolist()):
+                if label != IGNORE_INDEX:
+                    reason = LabelReason.ASSISTANT
+                else:
+                    reason = LabelReason.IMAGE if token_id == image_token_id else PROMPT_REASON
+                explained.append((token_id, token, label, reason))
+            return explained
+        for token_id, token in zip(input_ids, tokens):
+            explained.append(
+                (token_id, token, IGNORE_INDEX, LabelReason.IMAGE if token_id == image_token_id else ENCODER_REASON)
+            )
+        labels = batch["labels"][0].tolist()
+        for token_id, token in zip(labels, self.collator.tokenizer.convert_ids_to_tokens(labels)):
+            explained.append((token_id, token, token_id, DECODER_REASON))
+        return explained
 
 
 # ---------------------------------------------------------------------------------------------------------------------

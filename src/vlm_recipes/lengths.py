@@ -28,6 +28,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from .data import row_name
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -205,11 +207,6 @@ def _raw_examples(dataset, batch_size: int = 256) -> Iterator[dict[str, Any]]:
             yield {key: values[i] for key, values in batch.items()}
 
 
-def _row_name(example: dict[str, Any], index: int) -> str:
-    row_id = example.get("id")
-    return f"row {index} (id {row_id!r})" if row_id is not None else f"row {index}"
-
-
 def sample_lengths(
     dataset, collator, description: str = "Measuring sample lengths", progress: bool = True
 ) -> tuple[list[int], list[str]]:
@@ -253,7 +250,7 @@ def sample_lengths(
         text = collator.rendered_text(example, index)
         images = example.get("images") or []
         sizes = [image_size(image) for image in (images if isinstance(images, (list, tuple)) else [images])]
-        names.append(_row_name(example, index))
+        names.append(row_name(example, index))
         counts = [counter(*size) for size in sizes]
         if None in counts:  # no token arithmetic for this processor: process the text with blank images
             if texts:
@@ -281,7 +278,7 @@ def _processed_lengths(dataset, collator, description: str, progress: bool) -> t
     for index in tqdm(range(len(dataset)), desc=description, leave=False, disable=not progress):
         example = dataset[index]
         lengths.append(collator.sample_length(example, index))
-        names.append(_row_name(example, index))
+        names.append(row_name(example, index))
     return lengths, names
 
 

@@ -39,7 +39,7 @@ from transformers import TrainerCallback
 
 from .comparison import COMPUTE_REPORT_NAME, RUN_INFO_NAME, flatten
 from .compute import track_compute
-from .data import write_text_atomically
+from .files import write_text_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -285,7 +285,7 @@ def start_run_tracking(script_args, training_args, model_args, environ: dict | N
 
     environ = os.environ if environ is None else environ
     wandb_enabled = reports_to_wandb(training_args)
-    if "run_name" not in getattr(script_args, "keys_set", set()):
+    if "run_name" not in script_args.keys_set:
         resolved = resolved_recipe(script_args, training_args, model_args)
         training_args.run_name = default_run_name(script_args.task, model_args.model_name_or_path, resolved)
     if wandb_enabled:

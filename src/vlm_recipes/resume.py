@@ -24,7 +24,7 @@ import re
 import shutil
 from pathlib import Path
 
-from .file_modes import apply_user_modes
+from .files import apply_user_modes
 
 logger = logging.getLogger(__name__)
 

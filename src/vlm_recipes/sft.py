@@ -24,7 +24,8 @@ from .distributed import (
     with_image_in_every_batch,
     without_zero3_sharding,
 )
-from .evaluation import base_precision, evaluate_task, format_metrics_table, load_for_generation
+from .evaluation import evaluate_task, format_metrics_table
+from .generation import base_precision, load_for_generation
 from .lengths import apply_data_loading_defaults, prepare_lengths
 from .models import (
     check_model_available,
@@ -57,7 +58,7 @@ def main(script_args, training_args, model_args, on_trainer: Callable | None = N
     # Our collator needs the raw `images` and `messages` columns; it does its own (untruncated) tokenization.
     training_args.remove_unused_columns = False
     training_args.dataset_kwargs = {**(training_args.dataset_kwargs or {}), "skip_prepare_dataset": True}
-    apply_data_loading_defaults(training_args, getattr(script_args, "keys_set", None))
+    apply_data_loading_defaults(training_args, script_args.keys_set)
     # `true` -> the newest complete checkpoint; a path is checked complete. Before anything loads, so it fails fast.
     training_args.resume_from_checkpoint = resolve_resume_checkpoint(
         training_args.resume_from_checkpoint, training_args.output_dir

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .configs import VLMScriptArguments
 from .data import BadRowReport, DataError, build_dataset
-from .file_modes import apply_user_modes
+from .files import apply_user_modes
 from .tasks import task_from_args
 from .tiny import build_tiny_model
 

@@ -62,7 +62,7 @@ class Task:
     def predict(self, model, processor, rows: list[dict[str, Any]], **generation: Any) -> list[str]:
         """Generated answers for `rows`, in order. The default answers each row's own prompt, in batches; a task
         whose prompts depend on earlier answers (multi-step procedures) overrides this."""
-        from ..evaluation import generate_answers
+        from ..generation import generate_answers
 
         return generate_answers(model, processor, self, rows, **generation)
 
@@ -105,4 +105,4 @@ def get_task(name: str, options: dict[str, Any] | None = None) -> Task:
 
 def task_from_args(script_args) -> Task:
     """The task of parsed script arguments, with the options `parse_recipe` collected for it."""
-    return get_task(script_args.task, getattr(script_args, "task_options", None))
+    return get_task(script_args.task, script_args.task_options)

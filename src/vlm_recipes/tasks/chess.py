@@ -26,7 +26,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from ..data import BadRow, BadRowReport, DataError, decode_utf8_lines, resolve_image, write_text_atomically
+from ..data import BadRow, BadRowReport, DataError, decode_utf8_lines, resolve_image
+from ..files import write_text_atomically
 from .base import Task, register_task
 
 __all__ = [

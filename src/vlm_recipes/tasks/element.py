@@ -13,7 +13,8 @@ import random
 from pathlib import Path
 from typing import Any
 
-from ..data import BadRow, BadRowReport, demo_split_sizes, read_jsonl, resolve_image, write_text_atomically
+from ..data import BadRow, BadRowReport, demo_split_sizes, read_jsonl, resolve_image
+from ..files import write_text_atomically
 from .base import Task, register_task
 
 ELEMENTS = ("water", "land", "fire", "wood", "metal")

@@ -459,7 +459,7 @@ def _prompt_row(image: Any, user_goal: str, short_term: dict[str, Any], long_ter
 def generate_step_answers(model, processor, task: Task, prompt_rows: list[dict[str, Any]], **generation: Any):
     """Answers to prompt rows (`{"images", "messages"}` ending with the user turn): the one place that generates, so
     that tests can replace it."""
-    from ..evaluation import generate_answers
+    from ..generation import generate_answers
 
     return generate_answers(model, processor, task, prompt_rows, **generation)
 
@@ -662,7 +662,7 @@ class MedicalStepsTask(Task):
     def save_artifacts(self, output_dir: Path, scores: list[dict[str, float]], rows: list[dict[str, Any]]) -> None:
         """Write `step_results.json`: per task (in order) and step, the target, the prediction with the memory it was
         prompted with, and the scores; the prediction is null for a row that `predict` did not answer."""
-        from ..evaluation import write_json_atomically
+        from ..files import write_json_atomically
 
         tasks: dict[str, list[dict[str, Any]]] = {}
         for group in _group_rows(rows):
@@ -703,7 +703,7 @@ class MedicalStepsPredictor:
     """Answers steps of a procedure with a trained model, prompting exactly as in training.
 
     Args:
-        model, processor: as returned by `vlm_recipes.evaluation.load_for_generation`.
+        model, processor: as returned by `vlm_recipes.generation.load_for_generation`.
         generation: keywords of `generate_answers` (`max_new_tokens` defaults to 256 here: outputs are JSON objects).
     """
 
@@ -767,7 +767,7 @@ def load_predictor(
 ) -> MedicalStepsPredictor:
     """A `MedicalStepsPredictor` for a trained model directory or LoRA adapter (on `base_model_name`, or the base in
     its `adapter_config.json`)."""
-    from ..evaluation import load_for_generation
+    from ..generation import load_for_generation
 
     model, processor = load_for_generation(model_path, base_model_name, trust_remote_code)
     return MedicalStepsPredictor(model, processor, **generation)

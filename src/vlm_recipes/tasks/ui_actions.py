@@ -50,8 +50,8 @@ from ..data import (
     read_image_header,
     read_jsonl,
     resolve_image,
-    write_text_atomically,
 )
+from ..files import write_text_atomically
 from .base import Task, register_task
 
 __all__ = [
