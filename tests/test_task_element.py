@@ -114,7 +114,7 @@ def test_make_data_is_deterministic(tmp_path):
 
 @pytest.mark.slow
 def test_element_demo_learns(tmp_path):
-    """The demo recipe from a clean state: builds model and data, trains, evaluates; accuracy >= 0.9 (chance 0.2)."""
+    """The demo recipe from a clean state: builds model and data, trains, evaluates; accuracy >= 0.95 (chance 0.2)."""
     output = tmp_path / "out"
     result = run_script(
         [
@@ -127,11 +127,11 @@ def test_element_demo_learns(tmp_path):
             "--dataset_path",
             str(tmp_path / "data"),
         ],
-        timeout=600,
+        timeout=1800,  # only there to stop a hang: about 2 minutes alone on 2 cores
     )
     assert result.returncode == 0, result.stderr[-4000:]
     metrics = json.loads((output / "metrics.json").read_text())["metrics"]
-    assert metrics["accuracy"] >= 0.9 and metrics["num_examples"] == 40
+    assert metrics["accuracy"] >= 0.95 and metrics["num_examples"] == 40  # measured 1.0
     assert math.isfinite(metrics["macro_f1"])
     assert (output / "predictions.csv").read_text().splitlines()[
         0

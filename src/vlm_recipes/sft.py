@@ -186,11 +186,14 @@ def main(script_args, training_args, model_args, on_trainer: Callable | None = N
             # A demo: its untrained tiny model is small and still on disk, so evaluating it too costs seconds and shows
             # what training changed, the way `scripts/evaluate.py --baseline` does (into output_dir/baseline/).
             base = model_args.model_name_or_path
-            base_model, base_processor = load_for_generation(base, trust_remote_code=training_args.trust_remote_code)
             baseline_dir = Path(training_args.output_dir) / "baseline"
-            baseline = evaluate_task(
-                base_model, base_processor, task, test_dataset, baseline_dir, log_to_run=False, **generation
-            )
+            with without_zero3_sharding():  # a whole model on this process, even after ZeRO-3
+                base_model, base_processor = load_for_generation(
+                    base, trust_remote_code=training_args.trust_remote_code
+                )
+                baseline = evaluate_task(
+                    base_model, base_processor, task, test_dataset, baseline_dir, log_to_run=False, **generation
+                )
             print(format_metrics_table(metrics, baseline, names=("trained", "untrained")))
         else:
             print(format_metrics_table(metrics))

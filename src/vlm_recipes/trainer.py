@@ -315,7 +315,9 @@ class VLMSFTTrainer(SFTTrainer):
                 self.state.best_model_checkpoint = str(final)
                 self.state.save_to_json(str(staged / TRAINER_STATE_NAME))
         self.accelerator.wait_for_everyone()  # every process has written its part (DeepSpeed shards)
-        if self.accelerator.is_local_main_process and staged.is_dir():
+        # Moved into place by the process(es) that save (the main one; each node's with `save_on_each_node`): two
+        # renamers of one directory on a shared file system would race, and the loser could delete the winner's.
+        if self.args.should_save and staged.is_dir():
             replace_directory(staged, final)
             shutil.rmtree(staging_root, ignore_errors=True)
         self.accelerator.wait_for_everyone()
@@ -358,7 +360,7 @@ class VLMSFTTrainer(SFTTrainer):
             if write_extra_files is not None:
                 write_extra_files(staging)
         self.accelerator.wait_for_everyone()
-        if self.accelerator.is_local_main_process and staging.is_dir():
+        if self.args.should_save and staging.is_dir():  # one mover per file system, as for checkpoints
             publish_directory(staging, output_dir)
         self.accelerator.wait_for_everyone()
 
