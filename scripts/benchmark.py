@@ -1262,7 +1262,6 @@ def benchmark_full_size(workspace: Workspace, settings: Settings, device: str = 
                 flush=True,
             )
             recorders.clear()  # the trainer (and its model) go with it
-            del main
             gc.collect()
             if device == "cuda":
                 torch.cuda.empty_cache()

@@ -18,9 +18,11 @@ def test_readme_is_a_front_door():
 @pytest.mark.parametrize("page", PAGES, ids=lambda path: str(path.relative_to(REPO_ROOT)))
 def test_relative_links_resolve(page):
     text = page.read_text()
-    links = [target for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text) if "://" not in target]
-    missing = [target for target in links if not (page.parent / target).exists()]
+    links = [target for target in re.findall(r"\]\(([^)\s]+)\)", text) if "://" not in target]
+    missing = [target for target in links if not (page.parent / target.split("#")[0]).exists()]
     assert missing == [], f"{page.name} links to missing files: {missing}"
+    anchors = [target for target in links if target.startswith("#")]
+    assert anchors == [], f"{page.name} links to anchors of its own: {anchors}"  # sections move between pages
 
 
 def test_readme_example_row_is_a_row_of_the_example_data():
