@@ -520,17 +520,29 @@ def _load_few_shot_examples(examples: Sequence[dict[str, Any]] | str | Path | No
 
 
 # Demo data -------------------------------------------------------------------------------------------------------
-# One screen size: 224x168 pixels are 8x6 Qwen image tokens of 28x28 pixels, so each grid cell below is 2x2 tokens.
+# One screen size: 224x168 pixels are 8x6 Qwen image tokens of 28x28 pixels.
 _SCREEN_SIZE = (224, 168)
-# Click screens: labelled buttons filling cells of a coarse grid, each label always in its own colour, so that a tiny
-# model can learn where to click from a few hundred examples (a real screen's small widgets need a real model).
-_GRID_COLUMNS, _GRID_ROWS = 4, 3
+# Click screens: four app screens, each known by its colours and title, each with its own fixed layout of four big
+# buttons on a 2x2 grid below its title bar (as a real app keeps its buttons in place). The layouts form a Latin
+# square (every label sits in every cell on one screen), so where to click depends on which screen the screenshot
+# shows, not on the task's words alone: a model that ignores the image hits 1 click in 4. A tiny model can learn that
+# from a few hundred examples; finding a button anywhere on a screen it never saw needs a real model.
+_GRID_COLUMNS, _GRID_ROWS = 2, 2
 _GRID_BUTTONS = {
     "Login": (40, 100, 210),
     "Submit": (30, 150, 90),
     "Cancel": (200, 40, 40),
     "Next": (235, 170, 20),
 }
+# (title, title-bar colour, background colour) of each click screen: backgrounds far apart from each other and from the
+# buttons, since a tiny model tells the screens apart by their colours.
+_CLICK_SCREENS = (
+    ("Mail", (60, 64, 72), (250, 250, 250)),
+    ("Shop", (20, 20, 24), (150, 70, 170)),
+    ("Bank", (20, 60, 70), (70, 190, 200)),
+    ("Chat", (90, 90, 90), (30, 30, 35)),
+)
+_TITLE_HEIGHT = 16
 _FIELD_LABELS = ("Name", "Email", "User", "City", "Phone", "Code")
 _FIELD_VALUES = ("alice", "bob42", "a@b.io", "Paris", "555-0199", "hello", "x7k2", "Oslo", "carol", "12345")
 _BUTTON_LABELS = ("Login", "Submit", "Cancel", "Next", "Save", "Back", "Send", "Reset")
@@ -642,16 +654,21 @@ def _loading_screen(size: Size, rng: random.Random) -> _Screen:
 
 
 def _button_grid_screen(size: Size, rng: random.Random) -> _Screen:
-    """Every button of `_GRID_BUTTONS` in its own colour, each filling a random cell of the grid (a margin aside)."""
+    """One of `_CLICK_SCREENS`, its buttons in its own cells of the grid under the title bar (a margin aside)."""
+    screen_index = rng.randrange(len(_CLICK_SCREENS))
+    title, title_colour, background = _CLICK_SCREENS[screen_index]
     screen = _Screen(size, rng)
     width, height = size
-    cell_width, cell_height = width // _GRID_COLUMNS, height // _GRID_ROWS
-    cells = rng.sample(range(_GRID_COLUMNS * _GRID_ROWS), len(_GRID_BUTTONS))
-    for (text, colour), cell in zip(_GRID_BUTTONS.items(), cells):
-        left, top = (cell % _GRID_COLUMNS) * cell_width, (cell // _GRID_COLUMNS) * cell_height
-        bbox = [left + 3, top + 3, left + cell_width - 4, top + cell_height - 4]
+    screen.draw.rectangle([0, 0, width - 1, height - 1], fill=background)
+    screen.draw.rectangle([0, 0, width - 1, _TITLE_HEIGHT - 1], fill=title_colour)
+    screen.label((4, 2), title, fill=(255, 255, 255))
+    cell_width, cell_height = width // _GRID_COLUMNS, (height - _TITLE_HEIGHT) // _GRID_ROWS
+    for position, (text, colour) in enumerate(_GRID_BUTTONS.items()):
+        cell = (position + screen_index) % (_GRID_COLUMNS * _GRID_ROWS)  # the Latin square
+        left, top = (cell % _GRID_COLUMNS) * cell_width, _TITLE_HEIGHT + (cell // _GRID_COLUMNS) * cell_height
+        bbox = [left + 8, top + 8, left + cell_width - 9, top + cell_height - 9]
         screen.draw.rectangle(bbox, fill=colour)
-        screen.label((bbox[0] + 4, bbox[1] + cell_height // 2 - 10), text, fill=(255, 255, 255))
+        screen.label((bbox[0] + 6, (bbox[1] + bbox[3]) // 2 - 6), text, fill=(255, 255, 255))
         screen.add("button", text, bbox)
     return screen
 
