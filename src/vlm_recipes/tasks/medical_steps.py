@@ -782,10 +782,11 @@ _SERIES = ["T1 AX", "T2 AX", "FLAIR", "DWI"]
 _PRESETS = ["Lung", "Bone", "Brain", "Abdomen"]
 _REPORTS = ["X-ray", "CT", "MRI", "Ultrasound"]
 _TOOLS = ["Ruler", "Angle", "ROI", "Zoom"]
-# Each patient has one id and one MRI study, as in a hospital's records: a model can learn them from the name in the
-# goal (a tiny demo model cannot read random digits off a 192x144 screenshot).
+# Each patient has one id and one MRI study, as in a hospital's records: a model can learn the id from the name in the
+# goal (a tiny demo model cannot read random digits off a 192x144 screenshot), and the goal names the study by its
+# year (each name comes in too few MRI goals for a model to learn its study).
 _PATIENT_IDS = {name: f"P-{1000 + 1111 * index}" for index, name in enumerate(_NAMES)}
-_MRI_STUDIES = {name: f"MRI 20{17 + index}-0{1 + index}-1{index}" for index, name in enumerate(_NAMES)}
+_MRI_YEARS = {name: 2017 + index for index, name in enumerate(_NAMES)}
 
 
 @dataclass
@@ -819,9 +820,10 @@ def _procedure(kind: int, rng: random.Random) -> tuple[str, list[_Screen]]:
 
     if kind == 0:
         series = rng.choice(_SERIES)
-        study = _MRI_STUDIES[name]
-        studies = rng.sample([study, "CT 2021-02-03", "XR 2020-07-15"], 3)
-        goal = f"Load the {series} series of the MRI scan of patient {name}."
+        year = _MRI_YEARS[name]
+        study = f"MRI {year}"
+        studies = rng.sample([study, "CT 2016", "XR 2015"], 3)
+        goal = f"Load the {series} series of the {year} MRI scan of patient {name}."
         screens = [
             *opening("PACS Viewer", "PACS"),
             screen("PACS | Studies", studies, study, action="choose_study", study=study),
