@@ -5,6 +5,7 @@ import time
 from typing import Literal
 
 import pytest
+import yaml
 
 from vlm_recipes.configs import (
     RANGE_RULES,
@@ -141,7 +142,6 @@ class TestRecipeValues:
             ("too_long: truncate", "expected one of `error`, `drop`"),
             ("dtype: bf16", "expected one of `auto`, `bfloat16`, `float16`, `float32`, or null"),
             ("wandb_tags: [a, 1]", "expected a list of strings, or null"),
-            ("lora_target_modules: q_proj", "expected a list of strings, or null"),
             ("model_init_kwargs: 3", "expected a mapping or a string, or null"),
         ],
     )
@@ -203,6 +203,7 @@ class TestRecipeValues:
             ("", ["--max_steps=5"], "max_steps", 5),
             ("", ["--bf16", "false"], "bf16", False),
             ("resume_from_checkpoint: true", [], "resume_from_checkpoint", True),  # the newest complete checkpoint
+            ("fsdp: true", [], "fsdp", True),  # transformers' documented form; its annotation says a string
             ("", ["--resume_from_checkpoint", "true"], "resume_from_checkpoint", "true"),
             ("", ["--resume_from_checkpoint", "out/checkpoint-4"], "resume_from_checkpoint", "out/checkpoint-4"),
         ],
@@ -211,6 +212,11 @@ class TestRecipeValues:
         recipe.write_text(recipe.read_text() + line + "\n")
         training_args = parse_recipe([str(recipe), *args])[1]
         assert getattr(training_args, key) == value
+
+    @pytest.mark.parametrize("value", ["all-linear", ".*language_model.*proj", ["q_proj", "v_proj"]])
+    def test_lora_target_modules_as_a_string_or_names(self, recipe, value):
+        recipe.write_text(recipe.read_text() + yaml.safe_dump({"lora_target_modules": value}))
+        assert parse_recipe([str(recipe)])[2].lora_target_modules == value
 
     def test_null_for_optional_keys(self, recipe):
         recipe.write_text(recipe.read_text() + "vision_tower_lr: null\nmax_train_samples: null\n")

@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -126,6 +127,17 @@ class TestPublish:
         assert not (output / "config.json").exists()
         assert "config.json" not in moves
 
+    def test_a_previous_saves_weights_go_first(self, tmp_path):
+        """A single `model.safetensors` left beside a new sharded save would be read instead of the new shards."""
+        output = tmp_path / "out"
+        output.mkdir()
+        old_index = {"weight_map": {"a": "model-00001-of-00002.safetensors"}}
+        for name in ("config.json", "model.safetensors", "model-00001-of-00002.safetensors", "run_info.json"):
+            (output / name).write_text(name)
+        (output / "model.safetensors.index.json").write_text(json.dumps(old_index))
+        withdraw_completion_files(output)
+        assert sorted(path.name for path in output.iterdir()) == ["run_info.json"]
+
     def test_config_moves_last(self, tmp_path):
         output, staging = tmp_path / "out", tmp_path / "out" / ".tmp-final"
         staging.mkdir(parents=True)
@@ -246,6 +258,63 @@ class TestExactResume:
             assert (checkpoint / "preprocessor_config.json").is_file()
             assert (checkpoint / "generation_config.json").is_file()
             AutoProcessor.from_pretrained(checkpoint)
+
+
+@pytest.mark.slow
+def test_load_best_model_at_end_loads_the_best_weights(tiny_model_dirs, shapes_rows, tmp_path):
+    """Full fine-tuning: the Trainer's own `_load_best_model` matched none of Qwen2-VL's keys and kept the last
+    weights; ours loads the best checkpoint's."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
+    model_dir = tiny_model_dirs["qwen2_vl"]
+    model_args = VLMModelConfig(model_name_or_path=str(model_dir), dtype="float32")
+    args = SFTConfig(
+        output_dir=str(tmp_path / "out"),
+        max_steps=4,
+        per_device_train_batch_size=2,
+        learning_rate=5e-3,
+        eval_strategy="steps",
+        eval_steps=1,
+        save_strategy="steps",
+        save_steps=1,
+        load_best_model_at_end=True,
+        # The eval loss falls at every step here: "greater is better" makes the first checkpoint the best, so that
+        # the best weights are not the last ones.
+        metric_for_best_model="eval_loss",
+        greater_is_better=True,
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        gradient_checkpointing=False,
+        remove_unused_columns=False,
+        max_length=512,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        dataloader_num_workers=0,
+    )
+    processor = load_processor(model_args)
+    collator = VisionChatCollator(processor, max_length=512)
+    dataset = build_dataset(shapes_rows)
+    trainer = VLMSFTTrainer(
+        model_args=model_args,
+        model=load_model(model_args, args),
+        args=args,
+        data_collator=collator,
+        train_dataset=dataset,
+        eval_dataset=build_dataset(shapes_rows[:2]),
+        processing_class=processor,
+    )
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best and (tmp_path / "out").resolve() == Path(best).resolve().parent and ".tmp-" not in best
+    expected = AutoModelForImageTextToText.from_pretrained(best).state_dict()
+    actual = trainer.model.state_dict()
+    assert all(torch.equal(actual[key], expected[key]) for key in expected)
+    if Path(best).name != "checkpoint-4":  # the last weights differ from the best ones: the test can fail
+        last = load_file(str(tmp_path / "out" / "checkpoint-4" / "model.safetensors"))
+        assert not all(
+            torch.equal(last[key], value) for key, value in load_file(str(Path(best) / "model.safetensors")).items()
+        )
 
 
 class TestSeededSampler:

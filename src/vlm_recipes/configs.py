@@ -324,6 +324,11 @@ ANNOTATION_OVERRIDES: dict[str, Any] = {
     # Typed `str | None` by transformers, but `true` (the newest complete checkpoint of `output_dir`) is what
     # users write, and what `VLMSFTTrainer` resolves (`vlm_recipes.resume.resolve_resume_checkpoint`).
     "resume_from_checkpoint": str | bool | None,
+    # TRL documents names or one string (`all-linear`, a regex); the annotation says a list only.
+    "lora_target_modules": str | list[str] | None,
+    "lora_target_parameters": str | list[str] | None,
+    # transformers takes `fsdp: true` (its argparse `const`); the annotation says a string.
+    "fsdp": str | bool | None,
 }
 
 
@@ -598,11 +603,13 @@ def check_precision_hardware(values: dict[str, Any], recipe_path: str | None) ->
     import torch
 
     wanted = [key for key in _HALF_PRECISION_KEYS if _truthy(values.get(key))]
-    if not wanted or _truthy(values.get("use_cpu")) or torch.cuda.is_available():
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6: CUDA, XPU, MPS, ... as one question
+    available = torch.cuda.is_available() or bool(accelerator is not None and accelerator.is_available())
+    if not wanted or _truthy(values.get("use_cpu")) or available:
         return
     where = f"recipe {recipe_path}" if recipe_path else "the command line"
     raise RecipeError(
-        f"{where} sets `{wanted[0]}: true`, which needs a CUDA GPU, and none is visible here: run it on a GPU "
+        f"{where} sets `{wanted[0]}: true`, which needs a GPU, and none is visible here: run it on a GPU "
         f"machine, or try it on CPU with `--use_cpu true --{wanted[0]} false` (slow), or run a CPU demo "
         "(`python scripts/sft.py recipes/demo/shapes_qwen2vl.yaml`)."
     )

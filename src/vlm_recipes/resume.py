@@ -86,9 +86,20 @@ def replace_directory(staged: Path, target: Path) -> None:
 
 
 def withdraw_completion_files(directory: Path) -> None:
-    """Remove a previous save's `config.json` / `adapter_config.json` before a new save replaces its files."""
-    for name in COMPLETION_FILES:
-        (Path(directory) / name).unlink(missing_ok=True)
+    """Remove a previous save's `config.json` / `adapter_config.json` and weights before a new save replaces its
+    files: a leftover single `model.safetensors` beside a new sharded save would be read instead of the new shards."""
+    directory = Path(directory)
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = directory / index_name
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            shards = set()
+        for shard in shards:
+            if "/" not in shard:
+                (directory / shard).unlink(missing_ok=True)
+    for name in (*COMPLETION_FILES, *FULL_WEIGHT_FILES, *ADAPTER_WEIGHT_FILES):
+        (directory / name).unlink(missing_ok=True)
 
 
 def publish_directory(staging: Path, directory: Path) -> list[str]:

@@ -308,11 +308,15 @@ class VLMSFTTrainer(SFTTrainer):
         finally:
             self._staging_run_dir = None
         staged, final = staging_root / folder, run_dir / folder
+        # Every process recorded the staging path when this step is the best: each points it at the final one (all
+        # of them read it in `_load_best_model`); the saving process also rewrites the checkpoint's state.
+        best = self.state.best_model_checkpoint
+        best_was_staged = bool(best) and Path(best) == staged
+        if best_was_staged:
+            self.state.best_model_checkpoint = str(final)
         if self.args.should_save and staged.is_dir():
             self._add_processor_files(staged)
-            best = self.state.best_model_checkpoint
-            if best and Path(best) == staged:  # the Trainer recorded the staging path: point at the final one
-                self.state.best_model_checkpoint = str(final)
+            if best_was_staged:
                 self.state.save_to_json(str(staged / TRAINER_STATE_NAME))
         self.accelerator.wait_for_everyone()  # every process has written its part (DeepSpeed shards)
         # Moved into place by the process(es) that save (the main one; each node's with `save_on_each_node`): two
@@ -374,13 +378,24 @@ class VLMSFTTrainer(SFTTrainer):
         trainable_dtypes = {name: p.dtype for name, p in unwrapped.named_parameters() if p.requires_grad}
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         if _is_peft(self.model):
-            # PEFT's `load_adapter` (0.18, `autocast_adapter_dtype=True`) upcasts the adapter to float32, where TRL
-            # had cast a QLoRA adapter to bfloat16: the resumed run would compute in another dtype than the run it
-            # continues. The checkpoint holds the bfloat16 values, so casting back restores them exactly.
-            for name, parameter in unwrapped.named_parameters():
-                if name in trainable_dtypes and parameter.dtype != trainable_dtypes[name]:
-                    parameter.data = parameter.data.to(trainable_dtypes[name])
+            _restore_dtypes(unwrapped, trainable_dtypes)
             check_adapter_loaded(unwrapped, resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        # The Trainer's own (transformers 5.24) loads full weights with `load_state_dict(strict=False)`, as its resume
+        # does: none of Qwen2-VL's keys match, and the run would end on its last weights instead of the best ones.
+        best = self.state.best_model_checkpoint
+        if best and has_full_weights(best) and not (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+            if not _is_peft(self.model):
+                logger.info("Loading the best model from %s (score: %s).", best, self.state.best_metric)
+                load_full_weights(self.accelerator.unwrap_model(self.model), best)
+                return
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        trainable_dtypes = {name: p.dtype for name, p in unwrapped.named_parameters() if p.requires_grad}
+        super()._load_best_model()
+        if _is_peft(self.model) and best:
+            _restore_dtypes(unwrapped, trainable_dtypes)
+            check_adapter_loaded(unwrapped, best)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         # `resume_from_checkpoint: true` from a recipe or the command line arrives as the string "true", which the
@@ -443,6 +458,18 @@ class _FrozenVisionWithoutGrad(TrainerCallback):
             warnings.filterwarnings(
                 "ignore", message="None of the inputs have requires_grad=True", module="torch.utils.checkpoint"
             )
+
+
+def _restore_dtypes(model, dtypes: dict) -> None:
+    """Cast trainable parameters back to the dtypes they trained in.
+
+    PEFT's `load_adapter` (0.18, `autocast_adapter_dtype=True`) upcasts the adapter to float32, where TRL had cast a
+    QLoRA adapter to bfloat16: a resumed run would compute in another dtype than the run it continues. The
+    checkpoint holds the bfloat16 values, so casting back restores them exactly.
+    """
+    for name, parameter in model.named_parameters():
+        if name in dtypes and parameter.dtype != dtypes[name]:
+            parameter.data = parameter.data.to(dtypes[name])
 
 
 def _is_peft(model) -> bool:
