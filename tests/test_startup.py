@@ -34,13 +34,15 @@ class TestGpuRecipeWithoutGpu:
         import torch
 
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        if hasattr(torch, "accelerator"):
+            monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
 
     def test_names_the_key_and_the_ways_on(self):
         recipe = str(REPO_ROOT / "recipes" / "chess_qwen2vl.yaml")
         with pytest.raises(RecipeError) as error:
             parse_recipe([recipe])
         message = str(error.value)
-        assert message.startswith(f"recipe {recipe} sets `bf16: true`, which needs a CUDA GPU, and none is visible")
+        assert message.startswith(f"recipe {recipe} sets `bf16: true`, which needs a GPU, and none is visible")
         assert "--use_cpu true --bf16 false" in message and "recipes/demo/shapes_qwen2vl.yaml" in message
 
     def test_on_cpu_as_suggested_it_parses(self):
