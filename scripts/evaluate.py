@@ -16,10 +16,9 @@ recipe), as `eval_after_train` evaluates it, or with `--base_precision unquantis
 
 import argparse
 import sys
-from pathlib import Path
 
 from vlm_recipes.configs import RecipeError, parse_recipe
-from vlm_recipes.evaluation import evaluate_task, format_metrics_table
+from vlm_recipes.evaluation import evaluate_baseline, evaluate_task, format_metrics_table
 from vlm_recipes.generation import adapter_base, base_precision, load_for_generation
 from vlm_recipes.tasks import task_from_args
 from vlm_recipes.training import load_splits
@@ -71,10 +70,7 @@ def main():
         return
     base = args.base_model or adapter_base(args.model_path) or model_args.model_name_or_path
     del model
-    base_model, base_processor = load_for_generation(base, trust_remote_code=training_args.trust_remote_code)
-    baseline = evaluate_task(
-        base_model, base_processor, task, dataset, Path(args.output_dir) / "baseline", **generation
-    )
+    baseline = evaluate_baseline(base, task, dataset, args.output_dir, training_args.trust_remote_code, **generation)
     print(format_metrics_table(metrics, baseline, names=("tuned", f"baseline ({base})")))
 
 

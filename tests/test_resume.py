@@ -158,26 +158,33 @@ def shapes_rows(tmp_path_factory):
     return [row for row in rows if len(row["images"]) == 1][:8]  # 4 steps per epoch at batch size 2
 
 
+def tiny_sft_config(output_dir, **keys) -> SFTConfig:
+    """The settings every in-process run here shares (CPU, float32, batch size 2, our collator's data path)."""
+    shared = {
+        "per_device_train_batch_size": 2,
+        "learning_rate": 5e-3,
+        "use_cpu": True,
+        "bf16": False,
+        "report_to": "none",
+        "gradient_checkpointing": False,
+        "remove_unused_columns": False,
+        "max_length": 512,
+        "dataset_kwargs": {"skip_prepare_dataset": True},
+        "dataloader_num_workers": 0,
+    }
+    return SFTConfig(output_dir=str(output_dir), **{**shared, **keys})
+
+
 def train_losses(model_dir, rows, output_dir, max_steps, resume_from=None, **model_keys):
     model_args = VLMModelConfig(model_name_or_path=str(model_dir), dtype="float32", lora_r=4, **model_keys)
-    args = SFTConfig(
-        output_dir=str(output_dir),
+    args = tiny_sft_config(
+        output_dir,
         max_steps=max_steps,
-        per_device_train_batch_size=2,
-        learning_rate=5e-3,
         logging_steps=1,
         save_strategy="steps",
         save_steps=3,
         eval_strategy="no",
-        use_cpu=True,
-        bf16=False,
-        report_to="none",
-        gradient_checkpointing=False,
-        remove_unused_columns=False,
-        max_length=512,
-        dataset_kwargs={"skip_prepare_dataset": True},
         train_sampling_strategy="group_by_length",
-        dataloader_num_workers=0,
     )
     processor = load_processor(model_args)
     if getattr(processor, "chat_template", None) is None:
@@ -269,11 +276,9 @@ def test_load_best_model_at_end_loads_the_best_weights(tiny_model_dirs, shapes_r
 
     model_dir = tiny_model_dirs["qwen2_vl"]
     model_args = VLMModelConfig(model_name_or_path=str(model_dir), dtype="float32")
-    args = SFTConfig(
-        output_dir=str(tmp_path / "out"),
+    args = tiny_sft_config(
+        tmp_path / "out",
         max_steps=4,
-        per_device_train_batch_size=2,
-        learning_rate=5e-3,
         eval_strategy="steps",
         eval_steps=1,
         save_strategy="steps",
@@ -283,14 +288,6 @@ def test_load_best_model_at_end_loads_the_best_weights(tiny_model_dirs, shapes_r
         # the best weights are not the last ones.
         metric_for_best_model="eval_loss",
         greater_is_better=True,
-        use_cpu=True,
-        bf16=False,
-        report_to="none",
-        gradient_checkpointing=False,
-        remove_unused_columns=False,
-        max_length=512,
-        dataset_kwargs={"skip_prepare_dataset": True},
-        dataloader_num_workers=0,
     )
     processor = load_processor(model_args)
     collator = VisionChatCollator(processor, max_length=512)

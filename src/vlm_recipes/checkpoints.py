@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .constants import ADAPTER_WEIGHT_FILES, FULL_WEIGHT_FILES
 from .families import detect_family, model_class_for
 from .files import apply_user_modes
 
@@ -83,14 +84,7 @@ LEGACY_IMAGE_PROCESSOR_NAME = "preprocessor_config.json"
 # Moved into place last: until they are there, AutoProcessor does not see a processor, so a crash part-way leaves a
 # directory that fails `diagnose_checkpoint` rather than one that looks complete.
 _MOVED_LAST = ("processor_config.json", LEGACY_IMAGE_PROCESSOR_NAME)
-WEIGHT_FILE_NAMES = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-    "adapter_model.safetensors",
-    "adapter_model.bin",
-)
+WEIGHT_FILE_NAMES = (*FULL_WEIGHT_FILES, *ADAPTER_WEIGHT_FILES)
 _STAGING_PREFIX = ".processor-files-"
 # Written by `merge_adapter` beside the merged weights: where they came from.
 MERGE_INFO_NAME = "merge_info.json"

@@ -1,7 +1,16 @@
 """Constants that several modules share."""
 
-__all__ = ["IGNORE_INDEX", "LabelReason"]
+__all__ = ["ADAPTER_WEIGHT_FILES", "FULL_WEIGHT_FILES", "IGNORE_INDEX", "LabelReason"]
 
+# The weight files a saved model (full weights) or LoRA adapter directory holds, in the layouts transformers and PEFT
+# write.
+FULL_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 IGNORE_INDEX = -100  # the label of a position the loss skips (PyTorch's `cross_entropy` default, transformers' too)
 
 

@@ -11,12 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from .files import write_json_atomically
+from .generation import load_for_generation
 from .reporting import log_evaluation
 from .tasks.base import Task
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "evaluate_baseline",
     "evaluate_task",
     "format_metrics_table",
 ]
@@ -85,3 +87,14 @@ def format_metrics_table(metrics: dict[str, Any], *others: dict[str, Any], names
     for key in scalars:
         lines.append("  ".join([f"{key:<{width}}", *(f"{shown(c.get(key)):>10}" for c in columns)]))
     return "\n".join(lines)
+
+
+def evaluate_baseline(
+    base_model: str | Path, task: Task, dataset, output_dir: str | Path, trust_remote_code: bool = False, **generation
+) -> dict[str, float]:
+    """The un-tuned `base_model`, reloaded fresh and evaluated like the trained one into `<output_dir>/baseline/`; kept
+    out of the W&B run's summary, whose `eval/` keys are the trained model's."""
+    model, processor = load_for_generation(base_model, trust_remote_code=trust_remote_code)
+    return evaluate_task(
+        model, processor, task, dataset, Path(output_dir) / "baseline", log_to_run=False, **generation
+    )

@@ -24,6 +24,7 @@ import re
 import shutil
 from pathlib import Path
 
+from .constants import ADAPTER_WEIGHT_FILES, FULL_WEIGHT_FILES
 from .files import apply_user_modes
 
 logger = logging.getLogger(__name__)
@@ -51,13 +52,6 @@ _STAGED_CHECKPOINT_NAME = re.compile(r"^\.tmp-checkpoint-(\d+)$")
 # The files without which `from_pretrained` finds no model (full weights / LoRA adapter): moved into place last, and
 # taken away first when a new save replaces an old one, so a directory caught half-way never loads as a model.
 COMPLETION_FILES = ("config.json", "adapter_config.json")
-FULL_WEIGHT_FILES = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
-ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 TRUE_STRINGS = ("true", "yes", "1")
 FALSE_STRINGS = ("false", "no", "0", "none", "")
 

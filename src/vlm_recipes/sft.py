@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from pathlib import Path
 
 import transformers
 
@@ -24,8 +23,8 @@ from .distributed import (
     with_image_in_every_batch,
     without_zero3_sharding,
 )
-from .evaluation import evaluate_task, format_metrics_table
-from .generation import base_precision, load_for_generation
+from .evaluation import evaluate_baseline, evaluate_task, format_metrics_table
+from .generation import base_precision
 from .lengths import apply_data_loading_defaults, prepare_lengths
 from .models import (
     check_model_available,
@@ -185,14 +184,14 @@ def main(script_args, training_args, model_args, on_trainer: Callable | None = N
         if script_args.tiny_model_family:
             # A demo: its untrained tiny model is small and still on disk, so evaluating it too costs seconds and shows
             # what training changed, the way `scripts/evaluate.py --baseline` does (into output_dir/baseline/).
-            base = model_args.model_name_or_path
-            baseline_dir = Path(training_args.output_dir) / "baseline"
             with without_zero3_sharding():  # a whole model on this process, even after ZeRO-3
-                base_model, base_processor = load_for_generation(
-                    base, trust_remote_code=training_args.trust_remote_code
-                )
-                baseline = evaluate_task(
-                    base_model, base_processor, task, test_dataset, baseline_dir, log_to_run=False, **generation
+                baseline = evaluate_baseline(
+                    model_args.model_name_or_path,
+                    task,
+                    test_dataset,
+                    training_args.output_dir,
+                    training_args.trust_remote_code,
+                    **generation,
                 )
             print(format_metrics_table(metrics, baseline, names=("trained", "untrained")))
         else:
