@@ -1,7 +1,6 @@
 """Recipe parsing: positional and --config recipes, overrides, and one-line errors for bad recipes."""
 
 import enum
-import time
 from typing import Literal
 
 import pytest
@@ -284,15 +283,12 @@ class TestSftErrorsAreOneLine:
     """The entry point reports recipe problems as one line on stderr, before any model loads."""
 
     def test_bad_command_line_value_is_one_line(self):
-        started = time.perf_counter()
         result = run_script(["scripts/sft.py", "recipes/demo/element.yaml", "--max_steps", "abc"])
-        seconds = time.perf_counter() - started
         lines = [line for line in result.stderr.splitlines() if not line.startswith(IMPORT_NOISE)]
         assert result.returncode == 2
         assert lines == [
             "error: `--max_steps abc` on the command line: expected an integer (-1 for no limit, or > 0)."
         ]
-        assert seconds < 60  # the script's imports, not a model load
 
     @pytest.mark.parametrize(
         ("write", "expected"),

@@ -2,8 +2,11 @@
 be loaded, W&B without a login), and the library noise a run no longer prints."""
 
 import http.server
+import json
 import logging
 import os
+import re
+import sys
 import threading
 import warnings
 
@@ -236,3 +239,65 @@ class TestQuiet:
         assert result.returncode == 0, result.stderr[-4000:]
         output = result.stdout + result.stderr
         assert [noise for noise in NOISE if noise in output] == []
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# `--help` and recipe errors before the heavy imports
+# --------------------------------------------------------------------------------------------------------------------
+# scripts/sft.py run with torch, transformers and TRL made unimportable: whatever it answers, it answered before them.
+_WITHOUT_HEAVY_LIBRARIES = (
+    "import runpy, sys\n"
+    "for name in ('torch', 'transformers', 'trl', 'accelerate', 'datasets', 'peft'):\n"
+    "    sys.modules[name] = None\n"
+    "sys.argv = ['scripts/sft.py', *sys.argv[1:]]\n"
+    "runpy.run_path('scripts/sft.py', run_name='__main__')\n"
+)
+
+
+def _sft_without_heavy_libraries(*args):
+    return run_script([sys.executable, "-c", _WITHOUT_HEAVY_LIBRARIES, *args], timeout=120)
+
+
+class TestAnswersBeforeHeavyImports:
+    def test_help_lists_every_group_of_keys(self):
+        result = _sft_without_heavy_libraries("--help")
+        assert result.returncode == 0, result.stderr[-2000:]
+        for key in ("--learning_rate", "--lora_r", "--dataset_path", "--action_format", "--demo_data_size"):
+            assert f"\n  {key}  " in result.stdout, key
+        assert "usage: sft.py RECIPE.yaml" in result.stdout
+
+    @pytest.mark.parametrize(
+        ("args", "message"),
+        [
+            (["missing.yaml"], r"error: Recipe file missing.yaml not found\."),
+            (["recipes/demo/chess.yaml", "--lora_rank", "3"], r"Unknown key `lora_rank` .*did you mean `lora_r`\?"),
+            (["recipes/demo/chess.yaml", "--task", "chesss"], r"Unknown task `chesss` on the command line"),
+            (["--config"], r"`--config` needs a recipe path"),
+        ],
+    )
+    def test_recipe_errors_are_one_line(self, args, message):
+        result = _sft_without_heavy_libraries(*args)
+        assert result.returncode == 2
+        assert re.fullmatch(r"error: .*\n", result.stderr) and re.search(message, result.stderr), result.stderr
+
+    def test_unknown_key_in_the_recipe_file(self, tmp_path):
+        recipe = tmp_path / "bad.yaml"
+        recipe.write_text("task: chess\nlearning_rat: 0.1\n")
+        result = _sft_without_heavy_libraries(str(recipe))
+        assert result.returncode == 2
+        assert "Unknown key `learning_rat` in recipe" in result.stderr and "`learning_rate`" in result.stderr
+
+    def test_a_valid_recipe_goes_on_to_the_full_parse(self):
+        # With the heavy libraries blocked, passing the light checks means failing at the first heavy import.
+        result = _sft_without_heavy_libraries("recipes/demo/chess.yaml", "--max_steps", "1")
+        assert result.returncode == 1 and "ModuleNotFoundError" in result.stderr
+
+
+def test_key_index_matches_the_installed_libraries():
+    """`recipe_keys.json` is what `--help` and the early checks read; a TRL or transformers upgrade that adds,
+    removes or changes a key must regenerate it."""
+    from vlm_recipes.configs import build_key_index
+    from vlm_recipes.recipe_keys import KEY_INDEX_FILE
+
+    stored = json.loads(KEY_INDEX_FILE.read_text())
+    assert stored == build_key_index(), "stale key index: run `python -m vlm_recipes.configs --write-key-index`"

@@ -10,7 +10,6 @@ unknown task names before anything heavy is loaded.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import enum
 import json
 import re
@@ -22,8 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser
+
+from . import recipe_keys
+from .recipe_keys import RecipeError, split_recipe_path
 
 __all__ = [
     "RecipeError",
@@ -36,10 +37,6 @@ __all__ = [
 
 TOO_LONG_POLICIES = ("error", "drop")
 BAD_ROW_POLICIES = ("error", "skip")
-
-
-class RecipeError(ValueError):
-    """A problem with the recipe or the command line, reported as one line without a traceback."""
 
 
 @dataclass
@@ -236,19 +233,8 @@ def valid_recipe_keys() -> set[str]:
     return fields | set(EXTRA_RECIPE_KEYS)
 
 
-# Keys that older transformers had, and what stands for them now.
-RENAMED_KEYS = {"group_by_length": "train_sampling_strategy: group_by_length (or random)"}
-
-
 def _unknown_key_error(key: str, where: str) -> RecipeError:
-    if key in RENAMED_KEYS:
-        return RecipeError(f"Unknown key `{key}` in {where}; transformers 5 names it `{RENAMED_KEYS[key]}`.")
-    valid = sorted(valid_recipe_keys())
-    # A truncated or extended name (`lora_rank` for `lora_r`) is the likeliest typo; then the closest spelling.
-    prefixed = [name for name in valid if key.startswith(name) or name.startswith(key)]
-    suggestions = sorted(prefixed, key=len, reverse=True)[:1] or difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    hint = f"; did you mean `{suggestions[0]}`?" if suggestions else "; see `python scripts/sft.py --help`."
-    return RecipeError(f"Unknown key `{key}` in {where}{hint}")
+    return recipe_keys.unknown_key_error(key, where, valid_recipe_keys())
 
 
 # Values ----------------------------------------------------------------------------------------------------------
@@ -525,64 +511,16 @@ class RecipeParser(TrlParser):
 def _check_task(task: Any, where: str) -> None:
     from .tasks import TASKS
 
-    if task in TASKS:
-        return
-    registered = ", ".join(f"`{name}`" for name in sorted(TASKS))
-    closest = difflib.get_close_matches(str(task), sorted(TASKS), n=1, cutoff=0.5)
-    hint = f"; did you mean `{closest[0]}`?" if closest else "."
-    raise RecipeError(f"Unknown task `{task}` {where}; registered tasks: {registered}{hint}")
+    recipe_keys.check_task_name(task, where, TASKS)
 
 
 def read_recipe_file(path: str | Path) -> dict[str, Any]:
     """Load a recipe YAML, with one-line errors for a missing file, bad YAML, or unknown keys."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"Recipe file {path} not found.")
-    try:
-        recipe = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        location = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise RecipeError(f"{location}: YAML syntax error: {problem}.") from None
-    if recipe is None:
-        recipe = {}
-    if not isinstance(recipe, dict):
-        raise RecipeError(f"Recipe file {path} must hold a mapping of keys to values, not {type(recipe).__name__}.")
-    valid = valid_recipe_keys()
-    for key, value in recipe.items():
-        if key not in valid:
-            raise _unknown_key_error(str(key), f"recipe {path}")
-        # YAML 1.1 reads a bare `no` as False, which the Trainer then rejects as a strategy.
-        if str(key).endswith("_strategy") and isinstance(value, bool):
-            raise RecipeError(
-                f'{path}: `{key}: {"yes" if value else "no"}` reads as a YAML boolean; quote it: {key}: "no".'
-            )
-    return recipe
-
-
-def _split_recipe_path(args: list[str]) -> tuple[str | None, list[str]]:
-    """Accept the recipe positionally (first argument not starting with `--`) or as `--config PATH`."""
-    args = list(args)
-    recipe_path = None
-    if "--config" in args:
-        index = args.index("--config")
-        if index + 1 >= len(args):
-            raise RecipeError("`--config` needs a recipe path.")
-        recipe_path = args[index + 1]
-        del args[index : index + 2]
-    elif args and not args[0].startswith("-"):
-        recipe_path = args.pop(0)
-    return recipe_path, args
+    return recipe_keys.read_recipe_file(path, valid_recipe_keys())
 
 
 def _check_command_line_keys(args: list[str]) -> None:
-    valid = valid_recipe_keys() | {"help", "h"}
-    for arg in args:
-        if arg.startswith("--"):
-            key = arg[2:].split("=", 1)[0]
-            if key not in valid:
-                raise _unknown_key_error(key, "the command line")
+    recipe_keys.check_command_line_keys(args, valid_recipe_keys())
 
 
 # transformers 5.24's deprecated names of `activation_checkpointing` and `activation_checkpointing_kwargs`.
@@ -624,7 +562,7 @@ def parse_recipe(args: list[str] | None = None) -> tuple[VLMScriptArguments, SFT
     import sys
 
     args = list(sys.argv[1:] if args is None else args)
-    recipe_path, args = _split_recipe_path(args)
+    recipe_path, args = split_recipe_path(args)
     # Keys, values and the task name of the file and of the command line are checked before TrlParser builds
     # anything from them.
     recipe = read_recipe_file(recipe_path) if recipe_path is not None else {}
@@ -703,3 +641,58 @@ def resolved_recipe(
     resolved.update(_plain(script_args.task_options))
     # Placeholders that `to_dict` puts in place of secrets are not recipe values.
     return {key: value for key, value in resolved.items() if not (isinstance(value, str) and value.startswith("<"))}
+
+
+# The key index of `recipe_keys` ----------------------------------------------------------------------------------
+def _group_name(cls: type, option_classes: dict[str, type]) -> str:
+    tasks = [name for name, option_class in option_classes.items() if option_class is cls]
+    if tasks:
+        return f"options of task {', '.join(tasks)}"
+    return {
+        VLMScriptArguments: "data and task (vlm_recipes VLMScriptArguments)",
+        SFTConfig: "training (trl SFTConfig)",
+        VLMModelConfig: "model (trl ModelConfig and the VLM parts)",
+    }[cls]
+
+
+def build_key_index() -> dict[str, Any]:
+    """What `recipe_keys.check_command_line` and `--help` read: every recipe key's group, accepted values, default
+    and help, built from the installed TRL and transformers classes."""
+    import importlib.metadata
+
+    from .tasks import TASKS
+
+    specs = recipe_key_specs()
+    option_classes = _task_option_classes()
+    keys: dict[str, dict[str, Any]] = {}
+    for cls in _recipe_dataclasses():
+        for dataclass_field in dataclasses.fields(cls):
+            name = dataclass_field.name
+            if not dataclass_field.init or name in keys:
+                continue
+            default = _field_default(dataclass_field)
+            default = None if default is dataclasses.MISSING else json.loads(json.dumps(_plain(default), default=str))
+            keys[name] = {
+                "group": _group_name(cls, option_classes),
+                "type": _expected(name, specs[name]),
+                "default": default,
+                "help": str(dataclass_field.metadata.get("help", "")),
+            }
+    keys["env"] = {"group": "other", "type": "a mapping", "default": None, "help": "Environment variables to set."}
+    versions = {name: importlib.metadata.version(name) for name in ("trl", "transformers")}
+    return {"versions": versions, "tasks": sorted(TASKS), "keys": keys}
+
+
+def write_key_index(path: Path = recipe_keys.KEY_INDEX_FILE) -> None:
+    from .files import write_text_atomically
+
+    write_text_atomically(path, json.dumps(build_key_index(), indent=1, sort_keys=False) + "\n")
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["--write-key-index"]:
+        sys.exit("usage: python -m vlm_recipes.configs --write-key-index")
+    write_key_index()
+    print(f"wrote {recipe_keys.KEY_INDEX_FILE}")

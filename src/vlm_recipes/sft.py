@@ -14,6 +14,7 @@ import transformers
 
 from .collator import VisionChatCollator
 from .configs import resolved_recipe
+from .data import DataError
 from .distributed import (
     check_launch,
     close_process_group,
@@ -27,19 +28,25 @@ from .evaluation import evaluate_baseline, evaluate_task, format_metrics_table
 from .generation import base_precision
 from .lengths import apply_data_loading_defaults, prepare_lengths
 from .models import (
+    ModelNotAvailableError,
     check_model_available,
     load_model,
     load_processor,
     peft_config_for,
 )
 from .quiet import configure_logging
+from .recipe_keys import RecipeError
 from .reporting import start_run_tracking
-from .resume import resolve_resume_checkpoint
+from .resume import CheckpointError, resolve_resume_checkpoint
 from .tasks import task_from_args
 from .trainer import VLMSFTTrainer
 from .training import ensure_demo_inputs, load_splits, save_resolved_recipe
 
 logger = logging.getLogger(__name__)
+
+# Errors in what the user gave (recipe, data, checkpoint, model id): their messages name the fix, so the scripts print
+# them as one line without a traceback.
+USER_ERRORS = (RecipeError, DataError, CheckpointError, ModelNotAvailableError, FileNotFoundError)
 
 
 def main(script_args, training_args, model_args, on_trainer: Callable | None = None):
