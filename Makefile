@@ -10,12 +10,12 @@ test:
 
 # Every benchmark part at its smallest sizes (a smoke test of the harness, not figures to quote).
 bench-quick:
-	python scripts/benchmark.py --quick --output /tmp/vlm-recipes-benchmark-quick.json
+	python -m benchmarks --quick --output /tmp/vlm-recipes-benchmark-quick.json
 
 format:
-	ruff check --fix src scripts tests
-	ruff format src scripts tests
+	ruff check --fix src scripts tests benchmarks
+	ruff format src scripts tests benchmarks
 
 lint:
-	ruff check src scripts tests
-	ruff format --check src scripts tests
+	ruff check src scripts tests benchmarks
+	ruff format --check src scripts tests benchmarks

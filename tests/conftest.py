@@ -1,4 +1,3 @@
-import importlib.util
 import os
 import subprocess
 import sys
@@ -121,15 +120,6 @@ def tiny_training_template_dirs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny-models-training-template")
     return {family: build_tiny_model(family, root / family, training_template=True) for family in TINY_FAMILIES}
-
-
-def load_benchmark():
-    """`scripts/benchmark.py` as a module."""
-    spec = importlib.util.spec_from_file_location("benchmark_script", REPO_ROOT / "scripts" / "benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["benchmark_script"] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
 
 
 def run_script(args, cwd=REPO_ROOT, timeout=900, env=None):

@@ -1,14 +1,26 @@
-"""`scripts/benchmark.py`: it runs with the smallest settings and writes a complete report; its FLOPs inputs and target
-checks are right. Timings are asserted positive only (they are figures, not tests)."""
+"""The benchmark (`benchmarks/`, run as `python -m benchmarks` or `scripts/benchmark.py`): it runs with the smallest
+settings and writes a complete report; its FLOPs inputs and target checks are right. Timings are asserted positive
+only (they are figures, not tests)."""
 
 import json
+import re
+import sys
 import threading
 import time
 
 import pytest
 import torch
 
-from conftest import load_benchmark, run_script
+from benchmarks.harness import StepRecorder, take_turns
+from benchmarks.parts.autocast_4bit import benchmark_autocast_4bit
+from benchmarks.parts.full_size import benchmark_full_size, parameter_counts, peak_bf16_flops
+from benchmarks.qwen2_vl import qwen2_vl_2b_config
+from benchmarks.report import format_table, target_checks
+from benchmarks.settings import Settings
+from benchmarks.stats import median_interval, paired_ratios, ratio_verdict
+from benchmarks.workspace import Workspace
+
+from conftest import REPO_ROOT, run_script
 
 
 @pytest.mark.slow
@@ -75,6 +87,7 @@ def test_quick_run_writes_every_figure(tmp_path):
     assert report["machine"]["versions"]["trl"] and report["machine"]["usable_cpus"] >= 1
     assert report["settings"]["quick"] is True
     assert "Targets" in result.stdout and "ratio ours / TRL" in result.stdout
+    assert report["command"] == f"python scripts/benchmark.py --quick --output {output}"
 
 
 @pytest.mark.slow
@@ -82,7 +95,8 @@ def test_frozen_vision_part_runs_both_modes_in_fresh_processes(tmp_path):
     """Part 6 (on request only): the recorded and the detached tower, each in its own worker, on the same input. The
     detached worker stops if `detach_frozen_vision_inputs` finds nothing to detach, so exit 0 means it did detach."""
     output = tmp_path / "benchmark.json"
-    result = run_script(["scripts/benchmark.py", "--quick", "--parts", "6", "--output", str(output)], timeout=600)
+    command = [sys.executable, "-m", "benchmarks", "--quick", "--parts", "6", "--output", str(output)]
+    result = run_script(command, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     part = json.loads(output.read_text())["results"]["frozen_vision"]
     recorded, detached = part["recorded"], part["detached"]
@@ -99,10 +113,9 @@ def test_frozen_vision_part_runs_both_modes_in_fresh_processes(tmp_path):
 def test_autocast_part_shows_the_float32_tower_and_its_fix(tmp_path):
     """Part 7 on the tiny Qwen2-VL (two vision blocks), CUDA's layer_norm policy emulated on CPU: bitsandbytes alone
     hands float32 from the first block on; `load_model`'s 4-bit linears keep bf16, as bf16 LoRA does."""
-    benchmark = load_benchmark()
-    settings = benchmark.Settings()
+    settings = Settings()
     settings.shrink()
-    report = benchmark.benchmark_autocast_4bit(benchmark.Workspace(tmp_path), settings)
+    report = benchmark_autocast_4bit(Workspace(tmp_path), settings)
     assert report["layer_norm_policy"] == "CUDA's (float32), emulated on CPU"
     assert report["vision_blocks"] == 2 and report["image_patches"] == 16
     lora, alone, ours = report["bf16_lora"], report["qlora_bitsandbytes"], report["qlora_ours"]
@@ -114,17 +127,31 @@ def test_autocast_part_shows_the_float32_tower_and_its_fix(tmp_path):
     assert ours["saved_bytes_by_dtype"] == lora["saved_bytes_by_dtype"]  # what bf16 LoRA keeps, in its dtypes
     assert alone["saved_bytes"] > ours["saved_bytes"]
     assert report["ratio_saved_qlora_ours_to_lora"] == 1.0
-    assert "7. 4-bit linears under bf16 autocast" in benchmark.format_table(
+    assert "7. 4-bit linears under bf16 autocast" in format_table(
         {"results": {"autocast_4bit": report}, "targets": {}}
     )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where there is no GPU")
 def test_gpu_part_says_it_needs_a_gpu(tmp_path):
-    result = run_script(["scripts/benchmark.py", "--gpu", "--output", str(tmp_path / "b.json")], timeout=300)
+    script = REPO_ROOT / "scripts" / "benchmark.py"
+    result = run_script([script, "--gpu", "--output", str(tmp_path / "b.json")], cwd=tmp_path, timeout=300)
     assert result.returncode != 0
     assert "--gpu needs a CUDA GPU" in result.stderr
     assert not (tmp_path / "b.json").exists()
+
+
+def test_both_commands_take_the_same_flags(tmp_path):
+    """`python -m benchmarks` from the repository root, and `scripts/benchmark.py` from any directory."""
+    as_module = run_script([sys.executable, "-m", "benchmarks", "--help"], timeout=120)
+    as_script = run_script([REPO_ROOT / "scripts" / "benchmark.py", "--help"], cwd=tmp_path, timeout=120)
+    assert as_module.returncode == 0, as_module.stderr[-4000:]
+    assert as_script.returncode == 0, as_script.stderr[-4000:]
+    assert as_module.stdout.startswith("usage: python -m benchmarks ")
+    assert as_script.stdout.startswith("usage: python scripts/benchmark.py ")
+    flags = set(re.findall(r"--\w+", as_script.stdout))
+    assert flags == set(re.findall(r"--\w+", as_module.stdout))
+    assert {"--output", "--quick", "--gpu", "--parts", "--steps", "--warmup", "--repeats", "--workdir"} <= flags
 
 
 @pytest.mark.slow
@@ -133,14 +160,13 @@ def test_full_size_path_runs_on_cpu_with_a_small_config(tmp_path, tiny_model_dir
     with a tiny config on CPU: what the GPU run does, short of CUDA."""
     from transformers import AutoConfig
 
-    benchmark = load_benchmark()
-    settings = benchmark.Settings()
+    settings = Settings()
     settings.shrink()
     settings.gpu_batch_sizes, settings.gpu_warmup, settings.gpu_steps = [2], 1, 1
     settings.gpu_samples, settings.gpu_image_size = 4, [56, 84]
-    workspace = benchmark.Workspace(tmp_path)
+    workspace = Workspace(tmp_path)
     config = AutoConfig.from_pretrained(tiny_model_dirs["qwen2_vl"])
-    report = benchmark.benchmark_full_size(workspace, settings, device="cpu", config=config)
+    report = benchmark_full_size(workspace, settings, device="cpu", config=config)
     for mode in ("lora", "qlora"):
         figures = report[mode]["2"]
         assert figures["samples_per_second"] > 0 and figures["tokens_per_second"] > 0
@@ -155,13 +181,13 @@ def test_full_size_path_runs_on_cpu_with_a_small_config(tmp_path, tiny_model_dir
     assert report["lora"]["2"]["tokens_per_sample"] == pytest.approx(report["qlora"]["2"]["tokens_per_sample"])
 
 
-def take_turns_within(benchmark, functions, timeout=60):
-    """`benchmark.take_turns(functions)`, failing instead of hanging when the turns never end."""
+def take_turns_within(functions, timeout=60):
+    """`take_turns(functions)`, failing instead of hanging when the turns never end."""
     outcome = {}
 
     def run():
         try:
-            outcome["results"] = benchmark.take_turns(functions)
+            outcome["results"] = take_turns(functions)
         except BaseException as error:  # noqa: BLE001 (raised again below, in the test's thread)
             outcome["error"] = error
 
@@ -176,7 +202,6 @@ def take_turns_within(benchmark, functions, timeout=60):
 
 class TestTakingTurns:
     def test_threads_run_one_at_a_time_in_rotation(self):
-        benchmark = load_benchmark()
         log, running, most_running = [], [0], [0]
         lock = threading.Lock()
 
@@ -195,14 +220,13 @@ class TestTakingTurns:
 
             return run
 
-        results = take_turns_within(benchmark, {"a": path("a", 3), "b": path("b", 1), "c": path("c", 2)})
+        results = take_turns_within({"a": path("a", 3), "b": path("b", 1), "c": path("c", 2)})
         assert results == {"a": "a done", "b": "b done", "c": "c done"}
         assert most_running[0] == 1
         # In the order given; b leaves after its one step, and the others go on taking turns.
         assert log == [("a", 0), ("b", 0), ("c", 0), ("a", 1), ("c", 1), ("a", 2)]
 
     def test_an_error_is_raised_after_the_others_finish(self):
-        benchmark = load_benchmark()
         finished = []
 
         def failing(hand_over):
@@ -215,11 +239,10 @@ class TestTakingTurns:
             finished.append("working")
 
         with pytest.raises(ValueError, match="broken path"):
-            take_turns_within(benchmark, {"failing": failing, "working": working})
+            take_turns_within({"failing": failing, "working": working})
         assert finished == ["working"]
 
     def test_an_error_before_the_first_hand_over_passes_the_turn_on(self):
-        benchmark = load_benchmark()
 
         def failing(hand_over):
             raise ValueError("failed while building")
@@ -229,10 +252,9 @@ class TestTakingTurns:
             return "done"
 
         with pytest.raises(ValueError, match="failed while building"):
-            take_turns_within(benchmark, {"failing": failing, "working": working})
+            take_turns_within({"failing": failing, "working": working})
 
     def test_the_recorder_hands_over_at_each_step_end_and_leaves_the_wait_out(self):
-        benchmark = load_benchmark()
 
         class Trainer:  # what StepRecorder uses of a transformers Trainer
             args = type("Args", (), {"device": torch.device("cpu")})()
@@ -252,7 +274,7 @@ class TestTakingTurns:
             waits.append(1)
             time.sleep(0.3)
 
-        recorder = benchmark.StepRecorder(trainer, hand_over=hand_over)
+        recorder = StepRecorder(trainer, hand_over=hand_over)
         for _ in range(4):
             time.sleep(0.02)  # this run's own step
             trainer.training_step(None, {"attention_mask": torch.ones(2, 5, dtype=torch.long)})
@@ -264,8 +286,7 @@ class TestTakingTurns:
         assert rates["samples_per_second"] == pytest.approx(6 / rates["seconds"])
 
     def test_step_time_is_each_path_s_own(self):
-        benchmark = load_benchmark()
-        recorder = benchmark.StepRecorder.__new__(benchmark.StepRecorder)
+        recorder = StepRecorder.__new__(StepRecorder)
         # Steps end at 1, 3, 6 and 10 s; the path got its turn back at 2, 4 and 8 s (others ran in between).
         recorder.step_ends = [1.0, 3.0, 6.0, 10.0]
         recorder.resumed = [2.0, 4.0, 8.0, 10.5]
@@ -280,9 +301,8 @@ class TestTakingTurns:
 
 class TestFigures:
     def test_qwen2_vl_2b_parameter_counts(self):
-        benchmark = load_benchmark()
-        config, _ = benchmark.qwen2_vl_2b_config()
-        counts = benchmark.parameter_counts(config)
+        config, _ = qwen2_vl_2b_config()
+        counts = parameter_counts(config)
         # Qwen2-VL-2B: 2.21B parameters, 0.67B of them in the vision tower (merger included); the tied embedding
         # (151936 x 1536) counts once in the total and once more as the LM head's matmul.
         assert counts["total"] == pytest.approx(2.209e9, rel=0.01)
@@ -290,44 +310,40 @@ class TestFigures:
         assert counts["language_model_compute"] == counts["total"] - counts["vision_tower"]
 
     def test_peak_flops_by_gpu_name(self):
-        benchmark = load_benchmark()
-        assert benchmark.peak_bf16_flops("NVIDIA H100 80GB HBM3", None)[0] == 989e12
-        assert benchmark.peak_bf16_flops("NVIDIA H100 PCIe", None)[0] == 756e12
-        assert benchmark.peak_bf16_flops("NVIDIA H200", None)[0] == 989e12
-        assert benchmark.peak_bf16_flops("NVIDIA A100-SXM4-80GB", None)[0] == 312e12
-        assert benchmark.peak_bf16_flops("Some New GPU", None)[0] is None
-        assert benchmark.peak_bf16_flops("Some New GPU", 500.0)[0] == 500e12
+        assert peak_bf16_flops("NVIDIA H100 80GB HBM3", None)[0] == 989e12
+        assert peak_bf16_flops("NVIDIA H100 PCIe", None)[0] == 756e12
+        assert peak_bf16_flops("NVIDIA H200", None)[0] == 989e12
+        assert peak_bf16_flops("NVIDIA A100-SXM4-80GB", None)[0] == 312e12
+        assert peak_bf16_flops("Some New GPU", None)[0] is None
+        assert peak_bf16_flops("Some New GPU", 500.0)[0] == 500e12
 
     def test_median_interval_is_the_order_statistics_of_its_level(self):
-        benchmark = load_benchmark()
         # n = 9: P(Binomial(9, 1/2) <= 1) = 10/512, so the 2nd and 8th values cover the median with 1 - 20/512 = 96%;
         # the 3rd and 7th only with 1 - 92/512 = 82%.
-        assert benchmark.median_interval([9, 1, 8, 2, 7, 3, 6, 4, 5]) == [2, 8]
+        assert median_interval([9, 1, 8, 2, 7, 3, 6, 4, 5]) == [2, 8]
         # n = 11: the 3rd and 9th (1 - 134/2048 = 93%).
-        assert benchmark.median_interval(list(range(11))) == [2, 8]
+        assert median_interval(list(range(11))) == [2, 8]
         # n = 18 (part 2's repeats): the 6th and 13th (1 - 2 x 12 616 / 262 144 = 90.4%); the 7th and 12th only 76%.
-        assert benchmark.median_interval(list(range(18))) == [5, 12]
-        assert benchmark.median_interval([3, 1, 2, 5, 4]) == [1, 5]  # n = 5: only min and max reach 90% (94%)
-        assert benchmark.median_interval([1, 2, 3, 4]) is None  # n = 4: even min-max is 88%
+        assert median_interval(list(range(18))) == [5, 12]
+        assert median_interval([3, 1, 2, 5, 4]) == [1, 5]  # n = 5: only min and max reach 90% (94%)
+        assert median_interval([1, 2, 3, 4]) is None  # n = 4: even min-max is 88%
 
     def test_ratio_verdict_weighs_the_spread(self):
-        benchmark = load_benchmark()
-        verdict = benchmark.ratio_verdict
-        assert verdict(benchmark.paired_ratios([1.05, 1.2, 1.1, 1.3, 1.02], [1.0] * 5)) == "met"
-        assert verdict(benchmark.paired_ratios([0.8, 0.9, 0.95, 0.85, 0.7], [1.0] * 5)) == "not met"
-        noisy = benchmark.paired_ratios([0.83, 0.95, 1.28, 0.91, 0.89, 1.2, 0.93, 1.04, 1.14], [1.0] * 9)
+        verdict = ratio_verdict
+        assert verdict(paired_ratios([1.05, 1.2, 1.1, 1.3, 1.02], [1.0] * 5)) == "met"
+        assert verdict(paired_ratios([0.8, 0.9, 0.95, 0.85, 0.7], [1.0] * 5)) == "not met"
+        noisy = paired_ratios([0.83, 0.95, 1.28, 0.91, 0.89, 1.2, 0.93, 1.04, 1.14], [1.0] * 9)
         assert noisy["median"] < 1.0 and noisy["median_interval_90"] == [0.89, 1.2]
         assert verdict(noisy) == "within noise"
 
     def test_target_checks(self):
-        benchmark = load_benchmark()
         results = {
-            "collator": {"paired_ratio_ours_to_trl": benchmark.paired_ratios([1.0, 1.4, 1.1], [1.0, 1.0, 1.0])},
-            "training": {"paired_ratio_samples_per_second": benchmark.paired_ratios([9.0, 80.0], [10.0, 90.0])},
+            "collator": {"paired_ratio_ours_to_trl": paired_ratios([1.0, 1.4, 1.1], [1.0, 1.0, 1.0])},
+            "training": {"paired_ratio_samples_per_second": paired_ratios([9.0, 80.0], [10.0, 90.0])},
             "padding": {"max_padding_fraction_grouped": 0.04},
             "memory": {"ratio_qlora_to_lora_peak": 0.5},
         }
-        checks = benchmark.target_checks(results)
+        checks = target_checks(results)
         assert checks["collator_at_least_as_fast_as_trl"]["value"] == pytest.approx(1.1)  # the median pair
         assert checks["training_throughput_at_least_trl"]["value"] == pytest.approx((0.9 + 80 / 90) / 2)
         assert {name: check["passed"] for name, check in checks.items()} == {
@@ -345,6 +361,6 @@ class TestFigures:
             "lora": {"1": {"peak_memory_gib": 10.0}, "2": {"peak_memory_gib": 12.0}, "4": {"out_of_memory": True}},
             "qlora": {"1": {"peak_memory_gib": 5.0}, "2": {"peak_memory_gib": 10.0}, "4": {"peak_memory_gib": 12.0}},
         }
-        check = benchmark.target_checks(results)["qlora_peak_memory_well_under_lora"]
+        check = target_checks(results)["qlora_peak_memory_well_under_lora"]
         assert check["value"] == pytest.approx(10.0 / 12.0) and check["passed"] is False
         assert "batch size 2" in check["measured"]

@@ -47,7 +47,7 @@ from vlm_recipes.trainer import (
     use_reentrant_checkpointing,
 )
 
-from conftest import REPO_ROOT, load_benchmark, run_script
+from conftest import REPO_ROOT, run_script
 
 
 def registered(family_name):
@@ -287,9 +287,11 @@ class TestQuantisedLoading:
 
 @pytest.fixture
 def cuda_layer_norm_policy():
-    """CUDA's autocast runs `layer_norm` in float32 (PyTorch's autocast op reference); CPU's keeps bfloat16. The
-    benchmark's emulation gives `nn.LayerNorm` CUDA's behaviour under CPU autocast."""
-    with load_benchmark().cuda_layer_norm_policy("cpu") as emulated:
+    """CUDA's autocast runs `layer_norm` in float32 (PyTorch's autocast op reference); CPU's keeps bfloat16.
+    `vlm_recipes.testing`'s emulation gives `nn.LayerNorm` CUDA's behaviour under CPU autocast."""
+    from vlm_recipes import testing
+
+    with testing.cuda_layer_norm_policy("cpu") as emulated:
         assert emulated
         yield
 
