@@ -356,11 +356,17 @@ class TestShippedConfigs:
         assert arguments.rdzv_endpoint == "10.1.2.3:29555"
         for key, value in environment.items():
             monkeypatch.setenv(key, value)
-        # The plugin asks the GPU for its device index when `sync_module_states` is on; there is none here.
-        with (
-            mock.patch("accelerate.utils.dataclasses.is_cuda_available", return_value=True),
-            mock.patch("torch.cuda.current_device", return_value=0),
-        ):
+        # The plugin asks for the GPU when `sync_module_states` is on; there is none here. accelerate 1.16 asks
+        # `get_torch_accelerator_backend`, earlier versions `is_cuda_available`.
+        import accelerate.utils.dataclasses as accelerate_dataclasses
+
+        if hasattr(accelerate_dataclasses, "get_torch_accelerator_backend"):
+            gpu = mock.patch.object(
+                accelerate_dataclasses, "get_torch_accelerator_backend", return_value=("cuda", None)
+            )
+        else:
+            gpu = mock.patch.object(accelerate_dataclasses, "is_cuda_available", return_value=True)
+        with gpu, mock.patch("torch.cuda.current_device", return_value=0):
             plugin = FullyShardedDataParallelPlugin()
         assert plugin.fsdp_version == 1
         assert plugin.sharding_strategy.name == "FULL_SHARD"
