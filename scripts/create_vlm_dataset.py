@@ -10,7 +10,7 @@ DIR holds `<name>.png` (or .jpg/.jpeg) files, each with a `<name>.fen` beside it
 import argparse
 import sys
 
-from vlm_recipes.tasks.chess import create_vlm_dataset
+from vlm_recipes.tasks.chess.pairs import create_vlm_dataset
 
 
 def main():

@@ -53,7 +53,7 @@ def test_demo_runs_from_a_clean_state(demo, tmp_path):
             value = metrics["metrics"][metric]
             assert value >= threshold, f"{demo}: {metric} {value} < {threshold} (untrained: {baseline.get(metric)})"
     if recipe["task"] == "medical_steps":  # the inference API on the trained model
-        from vlm_recipes.tasks.medical_steps import load_predictor
+        from vlm_recipes.tasks.medical_steps.predictor import load_predictor
 
         image = sorted((tmp_path / "data" / "images").iterdir())[0]
         predictor = load_predictor(str(output))

@@ -34,7 +34,7 @@ from vlm_recipes.reporting import (
 )
 from vlm_recipes.tasks import get_task
 from vlm_recipes.tasks.base import Task
-from vlm_recipes.tasks.ui_actions import ANNOTATION_COLOURS
+from vlm_recipes.tasks.ui_actions.task import ANNOTATION_COLOURS
 
 from conftest import REPO_ROOT, run_script
 

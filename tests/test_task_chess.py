@@ -11,17 +11,16 @@ from PIL import Image
 
 from vlm_recipes.data import BadRow, BadRowReport, DataError
 from vlm_recipes.tasks import get_task
-from vlm_recipes.tasks.chess import (
-    PROMPT,
-    aggregate_position_scores,
-    create_vlm_dataset,
+from vlm_recipes.tasks.chess.demo_data import random_position
+from vlm_recipes.tasks.chess.format import (
     fen_to_position_json,
     format_position,
     placement_squares,
     position_json_to_fen,
-    position_scores,
-    random_position,
 )
+from vlm_recipes.tasks.chess.metrics import aggregate_position_scores, position_scores
+from vlm_recipes.tasks.chess.native import PROMPT
+from vlm_recipes.tasks.chess.pairs import create_vlm_dataset
 
 START = chess.STARTING_FEN
 AFTER_E4 = "rnbqkbnr/pppppppp/8/8/4P3/8/PPPP1PPP/RNBQKBNR b KQkq - 0 1"

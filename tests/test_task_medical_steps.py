@@ -10,21 +10,20 @@ import pytest
 from PIL import Image
 
 from vlm_recipes.data import BadRow, BadRowReport, DataError
-from vlm_recipes.tasks import medical_steps
 from vlm_recipes.tasks.base import TASKS
-from vlm_recipes.tasks.medical_steps import (
+from vlm_recipes.tasks.medical_steps import predictor as medical_steps_predictor
+from vlm_recipes.tasks.medical_steps import task as medical_steps_task
+from vlm_recipes.tasks.medical_steps.format import (
     PROMPT_HEADER,
-    MedicalStepsOptions,
-    MedicalStepsPredictor,
-    MedicalStepsTask,
-    assign_splits,
     build_step_messages,
     next_memory,
     parse_step_context,
     parse_step_output,
-    step_scores,
-    task_metrics,
 )
+from vlm_recipes.tasks.medical_steps.metrics import step_scores, task_metrics
+from vlm_recipes.tasks.medical_steps.predictor import MedicalStepsPredictor
+from vlm_recipes.tasks.medical_steps.splits import assign_splits
+from vlm_recipes.tasks.medical_steps.task import MedicalStepsOptions, MedicalStepsTask
 
 HEADER = ["Task_id", "Image_id", "Instruction", "Output", "Grounding"]
 
@@ -486,7 +485,7 @@ def training_rows():
 class TestPredict:
     def test_feeds_own_predictions_forward(self, monkeypatch):
         generator = RecordingGenerator(scripted)
-        monkeypatch.setattr(medical_steps, "generate_step_answers", generator)
+        monkeypatch.setattr(medical_steps_task, "generate_step_answers", generator)
         task = MedicalStepsTask()
         rows = training_rows()
         answers = task.predict(object(), object(), rows, batch_size=4, max_new_tokens=64)
@@ -510,14 +509,14 @@ class TestPredict:
             return json.dumps({f"k{count}": count, "step": count})
 
         generator = RecordingGenerator(answer)
-        monkeypatch.setattr(medical_steps, "generate_step_answers", generator)
+        monkeypatch.setattr(medical_steps_task, "generate_step_answers", generator)
         MedicalStepsTask().predict(None, None, [row for row in training_rows() if row["id"].startswith("1/")])
         assert generator.calls[2]["contexts"] == [("A", {"k1": 1, "step": 1}, {"k0": 0, "k1": 1, "step": 1})]
 
     def test_warns_when_a_task_starts_mid_way(self, monkeypatch, caplog):
-        monkeypatch.setattr(medical_steps, "generate_step_answers", RecordingGenerator(scripted))
+        monkeypatch.setattr(medical_steps_task, "generate_step_answers", RecordingGenerator(scripted))
         rows = [row for row in training_rows() if row["id"] in ("1/1", "1/2")]
-        with caplog.at_level("WARNING", logger=medical_steps.__name__):
+        with caplog.at_level("WARNING", logger=medical_steps_task.__name__):
             MedicalStepsTask().predict(None, None, rows)
         assert "Task 1: steps [1, 2] given, not 0..1" in caplog.text
 
@@ -526,7 +525,7 @@ class TestPredict:
         from vlm_recipes.data import build_dataset
 
         generator = RecordingGenerator(lambda goal, short, long, count: "{}")
-        monkeypatch.setattr(medical_steps, "generate_step_answers", generator)
+        monkeypatch.setattr(medical_steps_task, "generate_step_answers", generator)
         rows, _ = load(demo_dir, "test", val_split=0.1, test_split=0.1)
         dataset = build_dataset(rows)
         dataset_rows = [dataset[index] for index in range(len(dataset))]
@@ -536,7 +535,7 @@ class TestPredict:
         assert generator.calls[0]["images"][0][0].size == (192, 144)
 
     def test_save_artifacts(self, monkeypatch, tmp_path):
-        monkeypatch.setattr(medical_steps, "generate_step_answers", RecordingGenerator(scripted))
+        monkeypatch.setattr(medical_steps_task, "generate_step_answers", RecordingGenerator(scripted))
         task = MedicalStepsTask()
         rows = training_rows()
         answers = task.predict(None, None, rows)
@@ -555,7 +554,7 @@ class TestPredict:
 class TestPredictor:
     def test_run_task_and_predict_step(self, monkeypatch, demo_dir):
         generator = RecordingGenerator(scripted)
-        monkeypatch.setattr(medical_steps, "generate_step_answers", generator)
+        monkeypatch.setattr(medical_steps_predictor, "generate_step_answers", generator)
         predictor = MedicalStepsPredictor(None, None, max_new_tokens=32)
         image = str(next((demo_dir / "images").iterdir()))
         results = predictor.run_task([{"image_path": image, "user_goal": "B"}] * 3)
@@ -571,7 +570,7 @@ class TestPredictor:
 
     def test_run_task_on_rows(self, monkeypatch, demo_dir):
         generator = RecordingGenerator(lambda goal, short, long, count: json.dumps({"n": count}))
-        monkeypatch.setattr(medical_steps, "generate_step_answers", generator)
+        monkeypatch.setattr(medical_steps_predictor, "generate_step_answers", generator)
         rows, _ = load(demo_dir, "val", val_split=0.1, test_split=0.1)
         task_rows = [row for row in rows if row["task_id"] == rows[0]["task_id"]]
         results = MedicalStepsPredictor(None, None).run_task(task_rows)
@@ -585,7 +584,7 @@ class TestPredictor:
         monkeypatch.setattr(
             vlm_recipes.generation, "load_for_generation", lambda *args: loaded.append(args) or ("model", "processor")
         )
-        predictor = medical_steps.load_predictor("out/adapter", "base/model", temperature=0.5)
+        predictor = medical_steps_predictor.load_predictor("out/adapter", "base/model", temperature=0.5)
         assert loaded == [("out/adapter", "base/model", False)]
         assert (predictor.model, predictor.processor) == ("model", "processor")
         assert predictor.generation == {"max_new_tokens": 256, "temperature": 0.5}

@@ -10,26 +10,26 @@ import pytest
 
 from vlm_recipes.data import BadRow, BadRowReport
 from vlm_recipes.tasks import get_task
-from vlm_recipes.tasks.ui_actions import (
+from vlm_recipes.tasks.ui_actions.format import (
     ACTION_FORMATS,
     ACTION_SYNTAX,
     ACTION_TYPES,
-    COORDINATE_SYSTEMS,
     ActionDecoder,
-    UIActionsOptions,
-    UIActionsTask,
-    aggregate_action_scores,
     encode_action,
+    validate_action,
+)
+from vlm_recipes.tasks.ui_actions.geometry import (
+    COORDINATE_SYSTEMS,
     from_normalized,
     from_resized,
-    score_action,
     smart_resize,
     to_coordinate_system,
     to_normalized,
     to_original_pixels,
     to_resized,
-    validate_action,
 )
+from vlm_recipes.tasks.ui_actions.metrics import aggregate_action_scores, score_action
+from vlm_recipes.tasks.ui_actions.task import UIActionsOptions, UIActionsTask
 
 CLICK = {"type": "click", "x": 100, "y": 200}
 TYPE = {"type": "type", "text": "hello"}
