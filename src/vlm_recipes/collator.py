@@ -34,12 +34,8 @@ from jinja2.exceptions import TemplateError
 from transformers import ProcessorMixin
 from transformers.utils.chat_template_utils import render_jinja_template
 
-try:  # private: what `render_jinja_template` compiles a template with (cached); see `VisionChatCollator._render`
-    from transformers.utils.chat_template_utils import _compile_jinja_template
-except ImportError:  # renamed in a later transformers: the collator renders through `render_jinja_template`
-    _compile_jinja_template = None
-
 from . import family_collation
+from ._compat import compiled_chat_template
 from .chat_templates import fill_missing_chat_template
 from .constants import IGNORE_INDEX, LabelReason
 from .data import LISTED_BAD_ROWS, DataError, row_name
@@ -308,7 +304,8 @@ class VisionChatCollator:
         # the messages from plain JSON types, and `_validate` builds them from exact str, dict and list only; it
         # aliases reasoning fields, which `_validate` does not keep. The tests (test_direct_rendering_is_the_processors)
         # check both give the same text on every family's template.
-        if _compile_jinja_template is None:
+        compiled = compiled_chat_template(template)
+        if compiled is None:  # gone from a later transformers: through its public function, slower
             rendered, _ = render_jinja_template(
                 conversations=[messages],
                 chat_template=template,
@@ -316,7 +313,7 @@ class VisionChatCollator:
                 **self.tokenizer.special_tokens_map,
             )
             return rendered[0]
-        return _compile_jinja_template(template).render(
+        return compiled.render(
             messages=messages,
             tools=None,
             documents=None,

@@ -2,8 +2,8 @@
 
 The length of a sample is what the model sees: the tokens of the chat-template-rendered conversation plus the image
 tokens each image expands into. We compute it from the rendered text (tokenizer only) and each image's SIZE (read
-from the file header, never its pixels), with the processor's own arithmetic for the number of image tokens:
-`processor._get_num_multimodal_tokens(image_sizes=...)`, the method vLLM uses to size its placeholders. It follows the
+from the file header, never its pixels), with the processor's own arithmetic for the number of image tokens
+(`vlm_recipes._compat.image_token_count`), the method vLLM uses to size its placeholders. It follows the
 processor's pixel budget (`min_pixels`/`max_pixels`), its resize target and image splitting. A processor without it
 (legacy Idefics2) has each sample's text processed with blank images of its images' sizes instead: exact, no pixels
 decoded, slower.
@@ -28,6 +28,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from ._compat import has_image_token_count, image_token_count, length_grouped_indices
 from .data import row_name
 
 logger = logging.getLogger(__name__)
@@ -125,8 +126,9 @@ def image_size(image: Any) -> tuple[int, int]:
 class ImageTokenCounter:
     """How many tokens the processor turns one image placeholder into, for an image of a given size.
 
-    Uses `processor._get_num_multimodal_tokens` (transformers' own arithmetic, which follows the pixel budget, resize
-    target and image splitting of the processor's current settings), once per distinct size. `available` is False
+    Uses the processor's `_get_num_multimodal_tokens` (transformers' own arithmetic, which follows the pixel budget,
+    resize target and image splitting of the processor's current settings; `_compat.image_token_count`), once per
+    distinct size. `available` is False
     for processors without it (legacy Idefics2), or where it fails: `sample_lengths` then processes each sample's
     text with blank images of its images' sizes, which is exact and still decodes no pixels.
     """
@@ -135,7 +137,7 @@ class ImageTokenCounter:
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.image_token = getattr(processor, "image_token", None)
-        self.available = bool(self.image_token) and callable(getattr(processor, "_get_num_multimodal_tokens", None))
+        self.available = bool(self.image_token) and has_image_token_count(processor)
         # The rendered text holds this many tokens per image before the processor expands it.
         self.placeholder_length = (
             len(self.tokenizer(self.image_token, add_special_tokens=False)["input_ids"]) if self.image_token else 0
@@ -149,8 +151,7 @@ class ImageTokenCounter:
             # transformers documents `MultiModalData` as meant for vLLM, its API open to change: if it changes,
             # lengths come from processing with blank images instead (same result, slower), said once.
             try:
-                data = self.processor._get_num_multimodal_tokens(image_sizes=[key])
-                self._cache[key] = int(data["num_image_tokens"][0])
+                self._cache[key] = image_token_count(self.processor, *key)
             except (AttributeError, KeyError, TypeError, IndexError) as error:
                 logger.warning(
                     "%s._get_num_multimodal_tokens failed (%r); measuring lengths by processing blank images.",
@@ -421,10 +422,9 @@ class SeededLengthGroupedSampler:
 
     def __iter__(self):
         import torch
-        from transformers.trainer_pt_utils import get_length_grouped_indices
 
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+        return iter(length_grouped_indices(self.lengths, self.batch_size, generator))
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from trl import ModelConfig, get_peft_config
 
+from ._compat import forward_pre_hooks, peft_target_matches, turn_off_4bit_cpu_repacking
 from .chat_templates import fill_missing_chat_template
 from .families import UnknownFamilyError, detect_family, family_of_model
 
@@ -435,7 +436,7 @@ def keep_4bit_outputs_in_autocast_dtype(model) -> int:
 
 def has_4bit_autocast_hook(module) -> bool:
     """Whether `keep_4bit_outputs_in_autocast_dtype` hooked this layer."""
-    return any(hook is _float32_input_to_autocast_dtype for hook in module._forward_pre_hooks.values())
+    return any(hook is _float32_input_to_autocast_dtype for hook in forward_pre_hooks(module))
 
 
 def _float32_input_to_autocast_dtype(module, args):
@@ -458,28 +459,17 @@ def keep_4bit_weights_unpacked_on_cpu(model) -> int:
     """Keep bitsandbytes from repacking the 4-bit weights of `model` for its CPU inference kernel. Returns how many
     4-bit linear layers it set.
 
-    Why: in bitsandbytes 0.50.2, `Linear4bit.forward` on CPU, in eval mode, with an input that does not require grad
-    (`Trainer.evaluate`, generation) rewrites its weight in place into the layout of its AVX512-BF16 kernel
-    (`bitsandbytes.functional._convert_weight_packed_for_cpu`) when `Linear4bit.support_avx512bf16_for_cpu` is set;
-    `__init__` sets it from `has_avx512bf16()`, true on Intel Xeon Cooper Lake, Sapphire Rapids and later and on
-    AMD Zen 4 and later. Then:
-    - a layer whose input width is not a multiple of the quantisation block (64 here) fails (`RuntimeError: shape
-      '[96, 0]' is invalid for input of size 48`), one whose output width is not a multiple of 32 too
-      (`AssertionError: N must be divisible by block_n`): every tiny model, at its first evaluation;
-    - a layer that was repacked stays so: `train()` does not undo it, and the packed kernel (`gemv_4bit`, chosen by
-      `matmul_4bit` from `quant_state.packing_format_for_cpu`) has no autograd, so training after an evaluation in
-      the middle of training passes no gradient back through the frozen 4-bit layers (PyTorch only warns);
-      `dequantize_4bit` (PEFT's merge) reads the packed layout as the plain one; saving unpacks it
-      (`_convert_weight_packed_for_cpu_inverse`) with absmax rounded to bfloat16, so the saved weights change;
-    - the repacked layer computes in bfloat16 with bfloat16 absmax, not in the compute dtype training used.
-    `forward` reads the flag at every call, and nothing else does, so clearing it turns the repack off for that layer
-    alone; GPU runs never take that path. The cost: CPU inference of 4-bit models goes without that kernel.
+    Why: bitsandbytes' CPU path rewrites a 4-bit weight in place, in eval mode, into the layout of its AVX512-BF16
+    kernel; tiny models then fail at their first evaluation, and a repacked layer passes no gradient back when
+    training goes on, merges and saves wrong weights, and computes in bfloat16 (the versions and the details:
+    `vlm_recipes._compat.turn_off_4bit_cpu_repacking`). GPU runs never take that path. The cost: CPU inference of
+    4-bit models goes without that kernel.
     """
     import bitsandbytes as bnb
 
     layers = [module for module in model.modules() if isinstance(module, bnb.nn.Linear4bit)]
     for layer in layers:
-        layer.support_avx512bf16_for_cpu = False
+        turn_off_4bit_cpu_repacking(layer)
     return len(layers)
 
 
@@ -586,15 +576,13 @@ def _exact_regex(chosen: Iterable[str], all_names: list[str]) -> str:
 def _explicit_targets(model, targets, modules_to_save) -> list[str]:
     """Module names that `lora_target_modules` selects, matched the way PEFT matches them."""
     from peft import LoraConfig
-    from peft.tuners.tuners_utils import check_target_module_exists
 
     # TRL turns a one-item list into a string, which PEFT reads as a regex that a bare name (`q_proj`) never
     # full-matches; a plain name stays a name here.
     if isinstance(targets, str) and re.fullmatch(r"[\w\-]+", targets):
         targets = [targets]
     config = LoraConfig(target_modules=targets, modules_to_save=modules_to_save)
-    # PEFT returns True or a regex match for a target, and a falsy marker for an excluded module.
-    return [name for name, _ in model.named_modules() if name and check_target_module_exists(config, name)]
+    return [name for name, _ in model.named_modules() if name and peft_target_matches(config, name)]
 
 
 def lora_target_modules_for(model, model_args: ModelConfig) -> str:

@@ -23,6 +23,7 @@ import torch
 from transformers import TrainerCallback
 from trl import ModelConfig, SFTTrainer
 
+from ._compat import rotate_checkpoints, trainer_checkpoint_folder
 from .families import UnknownFamilyError, family_of_model
 from .lengths import SeededLengthGroupedSampler, precomputed_lengths, sampling_strategy
 from .models import (
@@ -294,9 +295,7 @@ class VLMSFTTrainer(SFTTrainer):
         return self._staging_run_dir or super()._get_output_dir(trial)
 
     def _save_checkpoint(self, model, trial) -> None:
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
-
-        folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        folder = trainer_checkpoint_folder(self.state.global_step)
         run_dir = Path(self._get_output_dir(trial))
         staging_root = run_dir / staging_name(folder)
         if self.accelerator.is_local_main_process:  # what an interrupted save of this step left
@@ -327,10 +326,7 @@ class VLMSFTTrainer(SFTTrainer):
         self.accelerator.wait_for_everyone()
         if self.args.should_save:  # the Trainer rotated inside the staging directory: rotate the real ones
             rotate_checkpoints(
-                output_dir=str(run_dir),
-                save_total_limit=self.args.save_total_limit,
-                best_model_checkpoint=self.state.best_model_checkpoint,
-                use_mtime=True,
+                str(run_dir), self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True
             )
 
     def _add_processor_files(self, directory: Path) -> None:
