@@ -777,7 +777,7 @@ def benchmark_padding(workspace: Workspace, settings: Settings) -> dict[str, Any
 
     from vlm_recipes.collator import IGNORE_INDEX, VisionChatCollator
     from vlm_recipes.lengths import sample_lengths
-    from vlm_recipes.models import load_processor
+    from vlm_recipes.models.loading import load_processor
     from vlm_recipes.training import load_splits
 
     results: dict[str, Any] = {}
@@ -1334,7 +1334,7 @@ def vision_worker(spec_path: str) -> None:
 
     from vlm_recipes.collator import VisionChatCollator
     from vlm_recipes.configs import VLMModelConfig
-    from vlm_recipes.models import peft_config_for
+    from vlm_recipes.models.lora import peft_config_for
     from vlm_recipes.trainer import detach_frozen_vision_inputs
 
     spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
@@ -1500,7 +1500,8 @@ def benchmark_autocast_4bit(workspace: Workspace, settings: Settings) -> dict[st
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     from vlm_recipes.configs import VLMModelConfig
-    from vlm_recipes.models import load_model, quantization_config_for
+    from vlm_recipes.models.loading import load_model
+    from vlm_recipes.models.quantization import quantization_config_for
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     blocks = settings.autocast_vision_blocks

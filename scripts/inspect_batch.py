@@ -14,7 +14,7 @@ from collections import Counter
 
 from vlm_recipes.collator import VisionChatCollator
 from vlm_recipes.configs import RecipeError, parse_recipe
-from vlm_recipes.models import load_processor
+from vlm_recipes.models.loading import load_processor
 from vlm_recipes.training import ensure_demo_inputs, load_splits
 
 

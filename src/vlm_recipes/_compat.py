@@ -205,7 +205,7 @@ def peft_target_matches(config, module_name: str) -> bool:
 
     PEFT 0.21: `peft.tuners.tuners_utils.check_target_module_exists` (not exported by `peft`), which returns True or a
     regex match for a target and a falsy marker for an excluded module. Why: `lora_target_modules` is matched the way
-    PEFT matches it, then narrowed to the parts that get LoRA (`vlm_recipes.models.lora_target_modules_for`).
+    PEFT matches it, then narrowed to the parts that get LoRA (`vlm_recipes.models.lora`).
     """
     from peft.tuners.tuners_utils import check_target_module_exists
 

@@ -26,12 +26,8 @@ from .distributed import (
 from .evaluation import evaluate_baseline, evaluate_task, format_metrics_table
 from .generation import base_precision
 from .lengths import apply_data_loading_defaults, prepare_lengths
-from .models import (
-    check_model_available,
-    load_model,
-    load_processor,
-    peft_config_for,
-)
+from .models.loading import check_model_available, load_model, load_processor
+from .models.lora import peft_config_for
 from .quiet import configure_logging
 from .reporting import start_run_tracking
 from .resume import resolve_resume_checkpoint

@@ -26,15 +26,8 @@ from trl import ModelConfig, SFTTrainer
 from ._compat import rotate_checkpoints, trainer_checkpoint_folder
 from .families import UnknownFamilyError, family_of_model
 from .lengths import SeededLengthGroupedSampler, precomputed_lengths, sampling_strategy
-from .models import (
-    PART_LR_KEYS,
-    PART_NAMES,
-    PARTS,
-    deepspeed_zero_stage,
-    parameter_count,
-    part_learning_rates,
-    parts_to_freeze,
-)
+from .models.checks import deepspeed_zero_stage
+from .models.parts import PART_LR_KEYS, PART_NAMES, PARTS, parameter_count, part_learning_rates, parts_to_freeze
 from .resume import (
     FINAL_STAGING_NAME,
     TRAINER_STATE_NAME,
@@ -54,7 +47,6 @@ __all__ = [
     "VLMSFTTrainer",
     "detach_frozen_vision_inputs",
     "part_has_trainable",
-    "part_learning_rates",
     "part_parameter_groups",
     "use_reentrant_checkpointing",
 ]
