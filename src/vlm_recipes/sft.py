@@ -29,11 +29,12 @@ from .lengths import apply_data_loading_defaults, prepare_lengths
 from .models.loading import check_model_available, load_model, load_processor
 from .models.lora import peft_config_for
 from .quiet import configure_logging
+from .recipe_files import save_resolved_recipe
 from .reporting import start_run_tracking
 from .resume import resolve_resume_checkpoint
 from .tasks import task_from_args
 from .trainer import VLMSFTTrainer
-from .training import ensure_demo_inputs, load_splits, save_resolved_recipe
+from .training import ensure_demo_inputs, load_splits
 
 logger = logging.getLogger(__name__)
 

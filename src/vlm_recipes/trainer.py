@@ -24,6 +24,7 @@ from transformers import TrainerCallback
 from trl import ModelConfig, SFTTrainer
 
 from ._compat import rotate_checkpoints, trainer_checkpoint_folder
+from .checkpoints.processor_files import save_processor_files
 from .families import UnknownFamilyError, family_of_model
 from .lengths import SeededLengthGroupedSampler, precomputed_lengths, sampling_strategy
 from .models.checks import deepspeed_zero_stage
@@ -324,8 +325,6 @@ class VLMSFTTrainer(SFTTrainer):
     def _add_processor_files(self, directory: Path) -> None:
         """The files the Trainer's checkpoint lacks to load alone: `preprocessor_config.json` (folded into
         processor_config.json since transformers 5) and, for a PEFT model, `generation_config.json`."""
-        from .checkpoints import save_processor_files
-
         if self.processing_class is None or not hasattr(self.processing_class, "image_processor"):
             return
         generation_config = getattr(self.model, "generation_config", None)

@@ -13,7 +13,7 @@ from .tiny import build_tiny_model
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ensure_demo_inputs", "load_splits", "save_resolved_recipe"]
+__all__ = ["ensure_demo_inputs", "load_splits"]
 
 
 def ensure_demo_inputs(script_args: VLMScriptArguments, model_name_or_path: str | None) -> None:
@@ -93,13 +93,3 @@ def load_splits(script_args: VLMScriptArguments, splits: list[str | None], limit
     if report.skipped:
         logger.warning("%s", report.summary())
     return datasets, report
-
-
-def save_resolved_recipe(resolved: dict, output_dir: str | Path) -> Path:
-    import yaml
-
-    path = Path(output_dir) / "recipe.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    header = "# Resolved recipe of this run: every key that differs from its default.\n"
-    path.write_text(header + yaml.safe_dump(resolved, sort_keys=True), encoding="utf-8")
-    return path
