@@ -545,7 +545,7 @@ def benchmark_collators(workspace: Workspace, settings: Settings) -> dict[str, A
 
     from vlm_recipes.chat_templates import trl_chat_template
     from vlm_recipes.collator import VisionChatCollator
-    from vlm_recipes.training import load_splits
+    from vlm_recipes.data.splits import load_splits
 
     budget = qwen_pixel_budget()
     processor, processor_name = qwen2_vl_processor(workspace, **budget)
@@ -657,7 +657,7 @@ def _train_stock_trl(workspace: Workspace, settings: Settings, hand_over=None) -
     from trl import SFTConfig, SFTTrainer
 
     from vlm_recipes.collator import normalize_messages
-    from vlm_recipes.data import BadRowReport
+    from vlm_recipes.data.rows import BadRowReport
     from vlm_recipes.lengths import apply_data_loading_defaults
     from vlm_recipes.tasks import task_from_args
 
@@ -776,9 +776,9 @@ def benchmark_padding(workspace: Workspace, settings: Settings) -> dict[str, Any
     from transformers.trainer_pt_utils import get_length_grouped_indices
 
     from vlm_recipes.collator import IGNORE_INDEX, VisionChatCollator
+    from vlm_recipes.data.splits import load_splits
     from vlm_recipes.lengths import sample_lengths
     from vlm_recipes.models.loading import load_processor
-    from vlm_recipes.training import load_splits
 
     results: dict[str, Any] = {}
     for name in settings.padding_recipes:

@@ -13,7 +13,7 @@ The run itself is `vlm_recipes.sft.main`.
 import sys
 
 from vlm_recipes.configs import RecipeError, parse_recipe
-from vlm_recipes.data import DataError
+from vlm_recipes.data.errors import DataError
 from vlm_recipes.models.loading import ModelNotAvailableError
 from vlm_recipes.resume import CheckpointError
 from vlm_recipes.sft import main

@@ -10,11 +10,12 @@ from PIL import Image
 from transformers import AutoProcessor
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
-from vlm_recipes import data as data_module
 from vlm_recipes import lengths as lengths_module
 from vlm_recipes.collator import VisionChatCollator
 from vlm_recipes.configs import VLMScriptArguments
-from vlm_recipes.data import build_dataset
+from vlm_recipes.data import rows as rows_module
+from vlm_recipes.data.rows import build_dataset
+from vlm_recipes.data.splits import load_splits
 from vlm_recipes.lengths import (
     ImageTokenCounter,
     SeededLengthGroupedSampler,
@@ -26,7 +27,6 @@ from vlm_recipes.lengths import (
     sample_lengths,
 )
 from vlm_recipes.tasks import get_task
-from vlm_recipes.training import load_splits
 
 from conftest import real_processor_dir, requires_real_processor
 
@@ -142,8 +142,8 @@ class TestCheapLengthIsExact:
         collator = VisionChatCollator(AutoProcessor.from_pretrained(tiny_model_dirs["qwen2_vl"]))
         expected = [collator.sample_length(shapes_dataset[i], i) for i in range(len(shapes_dataset))]
         decoded = []
-        original = data_module.load_rgb_image  # what the dataset's transform decodes each image with
-        monkeypatch.setattr(data_module, "load_rgb_image", lambda *a, **k: decoded.append(1) or original(*a, **k))
+        original = rows_module.load_rgb_image  # what the dataset's transform decodes each image with
+        monkeypatch.setattr(rows_module, "load_rgb_image", lambda *a, **k: decoded.append(1) or original(*a, **k))
         cheap, _ = sample_lengths(shapes_dataset, collator, progress=False)
         assert cheap == expected
         assert decoded == []  # sizes came from the file headers
@@ -225,8 +225,8 @@ class TestLengthGrouping:
             processing_class=processor,
         )
         decoded = []
-        original = data_module.load_rgb_image  # what the dataset's transform decodes each image with
-        monkeypatch.setattr(data_module, "load_rgb_image", lambda *a, **k: decoded.append(1) or original(*a, **k))
+        original = rows_module.load_rgb_image  # what the dataset's transform decodes each image with
+        monkeypatch.setattr(rows_module, "load_rgb_image", lambda *a, **k: decoded.append(1) or original(*a, **k))
         sampler = trainer._get_train_sampler()  # what `get_train_dataloader` asks for
         assert isinstance(sampler, SeededLengthGroupedSampler) and sampler.lengths == lengths
         assert decoded == []  # building the sampler read no row

@@ -21,7 +21,7 @@ from trl import SFTConfig
 
 from vlm_recipes.collator import VisionChatCollator
 from vlm_recipes.configs import RecipeError, VLMModelConfig, parse_recipe
-from vlm_recipes.data import BadRowReport, build_dataset
+from vlm_recipes.data.rows import BadRowReport, build_dataset
 from vlm_recipes.families import UnknownFamilyError, detect_family, family_of_model
 from vlm_recipes.models.checks import (
     check_quantization_for_zero3,

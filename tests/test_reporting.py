@@ -452,7 +452,7 @@ class TestTrainingRuns:
         from transformers import AutoProcessor
 
         from vlm_recipes.collator import VisionChatCollator
-        from vlm_recipes.training import load_splits
+        from vlm_recipes.data.splits import load_splits
 
         output = runs[name]
         report = json.loads((output / "compute_report.json").read_text())

@@ -13,7 +13,7 @@ from trl import SFTConfig
 from vlm_recipes import resume
 from vlm_recipes.collator import VisionChatCollator
 from vlm_recipes.configs import VLMModelConfig, VLMScriptArguments
-from vlm_recipes.data import BadRowReport, build_dataset
+from vlm_recipes.data.rows import BadRowReport, build_dataset
 from vlm_recipes.lengths import SeededLengthGroupedSampler, prepare_lengths
 from vlm_recipes.models.loading import load_model, load_processor
 from vlm_recipes.models.lora import peft_config_for

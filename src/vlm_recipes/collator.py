@@ -38,7 +38,8 @@ from . import family_collation
 from ._compat import compiled_chat_template
 from .chat_templates import fill_missing_chat_template
 from .constants import IGNORE_INDEX, LabelReason
-from .data import LISTED_BAD_ROWS, DataError, row_name
+from .data.errors import DataError
+from .data.rows import LISTED_BAD_ROWS, row_name
 from .families import processor_layout
 
 logger = logging.getLogger(__name__)
@@ -175,12 +176,13 @@ class VisionChatCollator:
         pad_to_multiple_of (`int`, *optional*):
             Pad the batch length to a multiple of this.
         on_bad_row (`str`, defaults to `"error"`):
-            What to do with a sample whose image could not be decoded (the dataset's transform, `vlm_recipes.data`,
-            marks it with an `image_error` rather than raising): `"error"` raises a `DataError` naming the sample's id
-            and the image; `"skip"` leaves it out of its batch and records it in `skipped_samples` (id, image,
-            reason). When every sample of a batch is bad, the last good sample this collator returned stands in for
-            them (trained on once more, counted in `num_substituted` and logged), so that the batch still has
-            supervised tokens; before any good sample has been seen there is none to stand in, and it raises.
+            What to do with a sample whose image could not be decoded (the dataset's transform,
+            `vlm_recipes.data.rows`, marks it with an `image_error` rather than raising): `"error"` raises a
+            `DataError` naming the sample's id and the image; `"skip"` leaves it out of its batch and records it in
+            `skipped_samples` (id, image, reason). When every sample of a batch is bad, the last good sample this
+            collator returned stands in for them (trained on once more, counted in `num_substituted` and logged), so
+            that the batch still has supervised tokens; before any good sample has been seen there is none to stand
+            in, and it raises.
     """
 
     def __init__(

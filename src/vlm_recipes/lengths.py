@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ._compat import has_image_token_count, image_token_count, length_grouped_indices
-from .data import row_name
+from .data.rows import row_name
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,8 @@ def _png_exif_after_pixels(opened) -> bool:
 def _file_size(source: Any, name: Any = None) -> tuple[int, int]:
     from PIL import Image
 
-    from .data import DataError, without_pil_pixel_limit
+    from .data.errors import DataError
+    from .data.images import without_pil_pixel_limit
 
     # The recipe's `max_image_pixels` was checked at load time and may be above PIL's own limit, hence its check off.
     try:
@@ -99,7 +100,7 @@ def image_size(image: Any) -> tuple[int, int]:
     Accepts a PIL image, a file path, a `datasets.Image` storage dict (`{"path", "bytes"}`), or an array/tensor
     (`HWC` or `CHW`). Files are opened lazily (PIL reads the header only); an EXIF rotation by 90 degrees swaps the
     sides, as `datasets` applies it when it decodes the image. A header that cannot be read is a `DataError` naming the
-    image (load time has already left such images out: `vlm_recipes.data.resolve_image`).
+    image (load time has already left such images out: `vlm_recipes.data.images.resolve_image`).
     """
     from PIL import Image
 
@@ -185,9 +186,9 @@ def _raw_examples(dataset, batch_size: int = 256) -> Iterator[dict[str, Any]]:
     """The examples of a dataset with their images left undecoded.
 
     A `datasets.Dataset` is read as Arrow batches, so an `Image` column gives `{"path", "bytes"}` dicts instead of
-    decoded pictures; a custom transform (`with_transform`, as `vlm_recipes.data.build_dataset` sets to parse the JSON
-    messages and decode the images) is applied to those raw batches with the `images` column held back. Anything
-    else is iterated as it is (a list of dicts).
+    decoded pictures; a custom transform (`with_transform`, as `vlm_recipes.data.rows.build_dataset` sets to parse
+    the JSON messages and decode the images) is applied to those raw batches with the `images` column held back.
+    Anything else is iterated as it is (a list of dicts).
     """
     import datasets
 

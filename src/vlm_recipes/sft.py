@@ -14,6 +14,8 @@ import transformers
 
 from .collator import VisionChatCollator
 from .configs import resolved_recipe
+from .data.splits import load_splits
+from .demo_inputs import ensure_demo_inputs
 from .distributed import (
     check_launch,
     close_process_group,
@@ -34,7 +36,6 @@ from .reporting import start_run_tracking
 from .resume import resolve_resume_checkpoint
 from .tasks import task_from_args
 from .trainer import VLMSFTTrainer
-from .training import ensure_demo_inputs, load_splits
 
 logger = logging.getLogger(__name__)
 

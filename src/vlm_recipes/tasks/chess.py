@@ -26,7 +26,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from ..data import BadRow, BadRowReport, DataError, decode_utf8_lines, resolve_image
+from ..data.errors import BadRow, DataError
+from ..data.images import resolve_image
+from ..data.rows import BadRowReport, decode_utf8_lines
 from ..files import write_text_atomically
 from .base import Task, register_task
 

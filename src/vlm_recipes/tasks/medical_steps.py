@@ -54,7 +54,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..data import DEFAULT_MAX_IMAGE_PIXELS, BadRow, BadRowReport, DataError, decode_utf8_lines, read_image_header
+from ..data.errors import BadRow, DataError
+from ..data.images import DEFAULT_MAX_IMAGE_PIXELS, read_image_header
+from ..data.rows import BadRowReport, decode_utf8_lines
 from .base import Task, register_task
 
 logger = logging.getLogger(__name__)

@@ -43,14 +43,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..data import (
-    BadRow,
-    BadRowReport,
-    demo_split_sizes,
-    read_image_header,
-    read_jsonl,
-    resolve_image,
-)
+from ..data.errors import BadRow
+from ..data.images import read_image_header, resolve_image
+from ..data.rows import BadRowReport, demo_split_sizes, read_jsonl
 from ..files import write_text_atomically
 from .base import Task, register_task
 
