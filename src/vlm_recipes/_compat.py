@@ -118,7 +118,7 @@ def length_grouped_indices(lengths: list[int], batch_size: int, generator) -> li
 
     transformers 5.24: `transformers.trainer_pt_utils.get_length_grouped_indices`, the order its
     `LengthGroupedSampler` gives (not exported by `transformers`). Why: our seeded sampler
-    (`vlm_recipes.lengths.SeededLengthGroupedSampler`) keeps transformers' grouping and only changes where the
+    (`vlm_recipes.trainer.SeededLengthGroupedSampler`) keeps transformers' grouping and only changes where the
     randomness comes from.
     """
     from transformers.trainer_pt_utils import get_length_grouped_indices

@@ -27,7 +27,7 @@ from .distributed import (
 )
 from .evaluation import evaluate_baseline, evaluate_task, format_metrics_table
 from .generation import base_precision
-from .lengths import apply_data_loading_defaults, prepare_lengths
+from .lengths import prepare_lengths
 from .models.loading import check_model_available, load_model, load_processor
 from .models.lora import peft_config_for
 from .quiet import configure_logging
@@ -35,7 +35,7 @@ from .recipe_files import save_resolved_recipe
 from .reporting import start_run_tracking
 from .resume import resolve_resume_checkpoint
 from .tasks import task_from_args
-from .trainer import VLMSFTTrainer
+from .trainer import VLMSFTTrainer, apply_data_loading_defaults
 
 logger = logging.getLogger(__name__)
 
