@@ -9,7 +9,7 @@ them: any directory with `config.json` (a full model) or `adapter_config.json` (
 A model directory named in PATHS is always checked. Found by searching, `checkpoint-*` directories are skipped unless
 `--include_checkpoints`, and base models unless `--include_base_models`: directories that neither training nor
 `merge_adapter.py` wrote, such as the demos' tiny random-weight models in `outputs/tiny-models/` (see
-`vlm_recipes.checkpoints.is_base_model`), so that the check covers the models you trained.
+`vlm_recipes.checkpoints.repair.is_base_model`), so that the check covers the models you trained.
 
 Each model is loaded, answers greedily about a generated picture (no file needed), and is freed before the next.
 Prints a table of path, family (from `vlm_recipes.families`), load time, generation time and output; a model that
@@ -21,7 +21,7 @@ import sys
 
 from transformers.utils import logging as transformers_logging
 
-from vlm_recipes.checkpoints import CHECK_PROMPT, check_model, discover_model_dirs, format_model_table
+from vlm_recipes.checkpoints.smoke_test import CHECK_PROMPT, check_model, discover_model_dirs, format_model_table
 
 
 def main() -> int:

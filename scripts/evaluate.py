@@ -18,10 +18,10 @@ import argparse
 import sys
 
 from vlm_recipes.configs import RecipeError, parse_recipe
+from vlm_recipes.data.splits import load_splits
 from vlm_recipes.evaluation import evaluate_baseline, evaluate_task, format_metrics_table
 from vlm_recipes.generation import adapter_base, base_precision, load_for_generation
 from vlm_recipes.tasks import task_from_args
-from vlm_recipes.training import load_splits
 
 
 def main():

@@ -35,7 +35,7 @@ import sys
 
 from transformers.utils import logging as transformers_logging
 
-from vlm_recipes.checkpoints import find_checkpoints, is_base_model, repair_checkpoint
+from vlm_recipes.checkpoints.repair import find_checkpoints, is_base_model, repair_checkpoint
 from vlm_recipes.resume import unfinished_saves
 
 

@@ -14,8 +14,9 @@ from collections import Counter
 
 from vlm_recipes.collator import VisionChatCollator
 from vlm_recipes.configs import RecipeError, parse_recipe
-from vlm_recipes.models import load_processor
-from vlm_recipes.training import ensure_demo_inputs, load_splits
+from vlm_recipes.data.splits import load_splits
+from vlm_recipes.demo_inputs import ensure_demo_inputs
+from vlm_recipes.models.loading import load_processor
 
 
 def main(index, split, script_args, training_args, model_args):

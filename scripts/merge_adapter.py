@@ -16,7 +16,7 @@ import argparse
 import logging
 import sys
 
-from vlm_recipes.checkpoints import MERGE_DTYPES, merge_adapter
+from vlm_recipes.checkpoints.merge import MERGE_DTYPES, merge_adapter
 
 
 def main() -> int:

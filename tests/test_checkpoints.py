@@ -13,15 +13,10 @@ import torch
 import yaml
 from transformers import AutoModelForImageTextToText, AutoProcessor, ProcessorMixin
 
-from vlm_recipes.checkpoints import (
-    demo_image,
-    diagnose_checkpoint,
-    discover_model_dirs,
-    is_base_model,
-    merge_adapter,
-    repair_checkpoint,
-    save_processor_files,
-)
+from vlm_recipes.checkpoints.merge import merge_adapter
+from vlm_recipes.checkpoints.processor_files import save_processor_files
+from vlm_recipes.checkpoints.repair import diagnose_checkpoint, is_base_model, repair_checkpoint
+from vlm_recipes.checkpoints.smoke_test import demo_image, discover_model_dirs
 from vlm_recipes.collator import normalize_messages
 from vlm_recipes.tasks import get_task
 from vlm_recipes.tiny import build_tiny_model

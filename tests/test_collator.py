@@ -10,7 +10,7 @@ from transformers import AutoProcessor, ProcessorMixin
 
 from vlm_recipes import collator as collator_module
 from vlm_recipes.collator import IGNORE_INDEX, LabelReason, VisionChatCollator, _offsets_array
-from vlm_recipes.data import DataError
+from vlm_recipes.data.errors import DataError
 from vlm_recipes.distributed import ImageInEveryBatch
 from vlm_recipes.tiny import trl_chat_template
 
@@ -370,7 +370,7 @@ class TestBadRows:
 
 
 def undecodable(row_id="bad", image_path="/data/broken.jpg"):
-    """A sample as the dataset's transform gives it when its image cannot be decoded (`vlm_recipes.data`)."""
+    """A sample as the dataset's transform gives it when its image cannot be decoded (`vlm_recipes.data.rows`)."""
     return {
         "id": row_id,
         "images": [None],

@@ -12,20 +12,12 @@ import numpy
 import pytest
 from PIL import Image
 
-from vlm_recipes.data import (
-    BadRow,
-    BadRowReport,
-    DataError,
-    build_dataset,
-    load_rgb_image,
-    read_image_header,
-    read_jsonl,
-    resolve_image,
-    to_rgb,
-)
+from vlm_recipes.data.errors import BadRow, DataError
+from vlm_recipes.data.images import load_rgb_image, read_image_header, resolve_image, to_rgb
+from vlm_recipes.data.rows import BadRowReport, build_dataset, read_jsonl
+from vlm_recipes.data.splits import load_splits
 from vlm_recipes.lengths import image_size
 from vlm_recipes.tasks import get_task
-from vlm_recipes.training import load_splits
 
 from conftest import REPO_ROOT, run_script
 

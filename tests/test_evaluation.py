@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from vlm_recipes.configs import VLMScriptArguments
+from vlm_recipes.data.splits import load_splits
 from vlm_recipes.evaluation import evaluate_task
 from vlm_recipes.files import strict_json_value, write_json_atomically
 from vlm_recipes.tasks import get_task
-from vlm_recipes.training import load_splits
 
 
 def strict_loads(text: str):

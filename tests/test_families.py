@@ -146,7 +146,7 @@ class TestDetection:
         import transformers
 
         from vlm_recipes.configs import VLMModelConfig
-        from vlm_recipes.models import load_model
+        from vlm_recipes.models.loading import load_model
 
         assert model_class_for("microsoft/Phi-3.5-vision-instruct") is transformers.AutoModelForCausalLM
         assert model_class_for(tiny_model_dirs["qwen2_vl"]) is AutoModelForImageTextToText

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import save_file
 
 from vlm_recipes.configs import VLMScriptArguments
+from vlm_recipes.demo_inputs import ensure_demo_inputs
 from vlm_recipes.files import apply_user_modes, current_umask
 from vlm_recipes.resume import publish_directory, replace_directory
-from vlm_recipes.training import ensure_demo_inputs
 
 UMASKS = [0o022, 0o027]
 

@@ -10,23 +10,15 @@ from PIL import Image
 from transformers import AutoProcessor
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
-from vlm_recipes import data as data_module
-from vlm_recipes import lengths as lengths_module
+from vlm_recipes import trainer as trainer_module
 from vlm_recipes.collator import VisionChatCollator
 from vlm_recipes.configs import VLMScriptArguments
-from vlm_recipes.data import build_dataset
-from vlm_recipes.lengths import (
-    ImageTokenCounter,
-    SeededLengthGroupedSampler,
-    apply_data_loading_defaults,
-    default_dataloader_num_workers,
-    image_size,
-    padding_fraction,
-    prepare_lengths,
-    sample_lengths,
-)
+from vlm_recipes.data import rows as rows_module
+from vlm_recipes.data.rows import build_dataset
+from vlm_recipes.data.splits import load_splits
+from vlm_recipes.lengths import ImageTokenCounter, image_size, padding_fraction, prepare_lengths, sample_lengths
 from vlm_recipes.tasks import get_task
-from vlm_recipes.training import load_splits
+from vlm_recipes.trainer import SeededLengthGroupedSampler, apply_data_loading_defaults, default_dataloader_num_workers
 
 from conftest import real_processor_dir, requires_real_processor
 
@@ -142,8 +134,8 @@ class TestCheapLengthIsExact:
         collator = VisionChatCollator(AutoProcessor.from_pretrained(tiny_model_dirs["qwen2_vl"]))
         expected = [collator.sample_length(shapes_dataset[i], i) for i in range(len(shapes_dataset))]
         decoded = []
-        original = data_module.load_rgb_image  # what the dataset's transform decodes each image with
-        monkeypatch.setattr(data_module, "load_rgb_image", lambda *a, **k: decoded.append(1) or original(*a, **k))
+        original = rows_module.load_rgb_image  # what the dataset's transform decodes each image with
+        monkeypatch.setattr(rows_module, "load_rgb_image", lambda *a, **k: decoded.append(1) or original(*a, **k))
         cheap, _ = sample_lengths(shapes_dataset, collator, progress=False)
         assert cheap == expected
         assert decoded == []  # sizes came from the file headers
@@ -225,8 +217,8 @@ class TestLengthGrouping:
             processing_class=processor,
         )
         decoded = []
-        original = data_module.load_rgb_image  # what the dataset's transform decodes each image with
-        monkeypatch.setattr(data_module, "load_rgb_image", lambda *a, **k: decoded.append(1) or original(*a, **k))
+        original = rows_module.load_rgb_image  # what the dataset's transform decodes each image with
+        monkeypatch.setattr(rows_module, "load_rgb_image", lambda *a, **k: decoded.append(1) or original(*a, **k))
         sampler = trainer._get_train_sampler()  # what `get_train_dataloader` asks for
         assert isinstance(sampler, SeededLengthGroupedSampler) and sampler.lengths == lengths
         assert decoded == []  # building the sampler read no row
@@ -297,7 +289,7 @@ class TestDataLoadingDefaults:
     def test_unset_keys_get_defaults(self, monkeypatch):
         from trl import SFTConfig
 
-        monkeypatch.setattr(lengths_module, "_usable_cpus", lambda: 8)
+        monkeypatch.setattr(trainer_module, "_usable_cpus", lambda: 8)
         args = SFTConfig(output_dir="unused", use_cpu=True, report_to="none")
         changed = apply_data_loading_defaults(args, set())
         assert args.train_sampling_strategy == "group_by_length"
@@ -313,7 +305,7 @@ class TestDataLoadingDefaults:
     def test_keys_the_user_set_are_kept(self, monkeypatch):
         from trl import SFTConfig
 
-        monkeypatch.setattr(lengths_module, "_usable_cpus", lambda: 8)
+        monkeypatch.setattr(trainer_module, "_usable_cpus", lambda: 8)
         args = SFTConfig(
             output_dir="unused",
             use_cpu=True,

@@ -21,22 +21,22 @@ from trl import SFTConfig
 
 from vlm_recipes.collator import VisionChatCollator
 from vlm_recipes.configs import RecipeError, VLMModelConfig, parse_recipe
-from vlm_recipes.data import BadRowReport, build_dataset
+from vlm_recipes.data.rows import BadRowReport, build_dataset
 from vlm_recipes.families import UnknownFamilyError, detect_family, family_of_model
-from vlm_recipes.models import (
-    _float32_input_to_autocast_dtype,
+from vlm_recipes.models.checks import (
     check_quantization_for_zero3,
     check_training_setup,
     deepspeed_zero_stage,
+    training_dtype,
+)
+from vlm_recipes.models.loading import load_model, load_processor
+from vlm_recipes.models.lora import lora_target_modules_for, peft_config_for
+from vlm_recipes.models.quantization import (
+    _float32_input_to_autocast_dtype,
     has_4bit_autocast_hook,
     keep_4bit_outputs_in_autocast_dtype,
     keep_4bit_weights_unpacked_on_cpu,
-    load_model,
-    load_processor,
-    lora_target_modules_for,
-    peft_config_for,
     quantization_config_for,
-    training_dtype,
 )
 from vlm_recipes.tasks import get_task
 from vlm_recipes.tiny import TINY_FAMILIES

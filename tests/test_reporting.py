@@ -124,13 +124,13 @@ class TestRunName:
 
     def test_same_name_on_every_machine(self, tmp_path, monkeypatch):
         """The data-loading defaults depend on the machine's CPUs; the default run name must not."""
-        from vlm_recipes import lengths
-        from vlm_recipes.lengths import apply_data_loading_defaults
+        from vlm_recipes import trainer
+        from vlm_recipes.trainer import apply_data_loading_defaults
 
         recipe = REPO_ROOT / "recipes" / "ui_actions_qwen2vl.yaml"
         names, workers = set(), set()
         for cpus in (2, 16):
-            monkeypatch.setattr(lengths, "_usable_cpus", lambda cpus=cpus: cpus)
+            monkeypatch.setattr(trainer, "_usable_cpus", lambda cpus=cpus: cpus)
             arguments = [str(recipe), "--output_dir", str(tmp_path), "--bf16", "false"]
             script_args, training_args, model_args = parse_recipe(arguments)
             apply_data_loading_defaults(training_args, script_args.keys_set)  # as scripts/sft.py does, first
@@ -452,7 +452,7 @@ class TestTrainingRuns:
         from transformers import AutoProcessor
 
         from vlm_recipes.collator import VisionChatCollator
-        from vlm_recipes.training import load_splits
+        from vlm_recipes.data.splits import load_splits
 
         output = runs[name]
         report = json.loads((output / "compute_report.json").read_text())

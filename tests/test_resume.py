@@ -13,9 +13,10 @@ from trl import SFTConfig
 from vlm_recipes import resume
 from vlm_recipes.collator import VisionChatCollator
 from vlm_recipes.configs import VLMModelConfig, VLMScriptArguments
-from vlm_recipes.data import BadRowReport, build_dataset
-from vlm_recipes.lengths import SeededLengthGroupedSampler, prepare_lengths
-from vlm_recipes.models import load_model, load_processor, peft_config_for
+from vlm_recipes.data.rows import BadRowReport, build_dataset
+from vlm_recipes.lengths import prepare_lengths
+from vlm_recipes.models.loading import load_model, load_processor
+from vlm_recipes.models.lora import peft_config_for
 from vlm_recipes.resume import (
     CheckpointError,
     checkpoint_problem,
@@ -26,7 +27,7 @@ from vlm_recipes.resume import (
 )
 from vlm_recipes.tasks import get_task
 from vlm_recipes.tiny import TINY_FAMILIES
-from vlm_recipes.trainer import VLMSFTTrainer
+from vlm_recipes.trainer import SeededLengthGroupedSampler, VLMSFTTrainer
 
 
 # --------------------------------------------------------------------------------------------------------------------

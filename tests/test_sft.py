@@ -204,7 +204,7 @@ def test_qlora_evaluation_after_training_and_evaluate_py_agree(tmp_path, tiny_mo
 def test_too_long_drop_is_counted_and_reported(tmp_path, tiny_model_dirs, shapes_data):
     from vlm_recipes.collator import VisionChatCollator
     from vlm_recipes.configs import VLMScriptArguments
-    from vlm_recipes.training import load_splits
+    from vlm_recipes.data.splits import load_splits
 
     processor = AutoProcessor.from_pretrained(tiny_model_dirs["qwen2_vl"])
     (train,), _ = load_splits(VLMScriptArguments(task="shapes", dataset_path=str(shapes_data)), ["train"])

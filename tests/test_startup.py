@@ -13,7 +13,7 @@ import warnings
 import pytest
 
 from vlm_recipes.configs import RecipeError, parse_recipe
-from vlm_recipes.models import ModelNotAvailableError, check_model_available
+from vlm_recipes.models.loading import ModelNotAvailableError, check_model_available
 from vlm_recipes.quiet import KNOWN_NOISE, configure_logging, silence_known_noise
 from vlm_recipes.reporting import fall_back_to_offline_wandb, wandb_credentials_found
 

@@ -9,7 +9,8 @@ import chess
 import pytest
 from PIL import Image
 
-from vlm_recipes.data import BadRow, BadRowReport, DataError
+from vlm_recipes.data.errors import BadRow, DataError
+from vlm_recipes.data.rows import BadRowReport
 from vlm_recipes.tasks import get_task
 from vlm_recipes.tasks.chess.demo_data import random_position
 from vlm_recipes.tasks.chess.format import (
@@ -414,7 +415,7 @@ class TestMakeData:
         assert (tmp_path / "a" / "train.json").read_text() != (tmp_path / "c" / "train.json").read_text()
 
     def test_rows_survive_the_dataset_and_score_perfectly(self, tmp_path):
-        from vlm_recipes.data import build_dataset
+        from vlm_recipes.data.rows import build_dataset
 
         task = get_task("chess")
         task.make_data(tmp_path, 10, seed=0)

@@ -7,7 +7,8 @@ import math
 import pytest
 from PIL import Image
 
-from vlm_recipes.data import BadRow, BadRowReport
+from vlm_recipes.data.errors import BadRow
+from vlm_recipes.data.rows import BadRowReport
 from vlm_recipes.tasks import get_task
 from vlm_recipes.tasks.element import classification_metrics, parse_element
 

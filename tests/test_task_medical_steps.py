@@ -9,7 +9,8 @@ import json
 import pytest
 from PIL import Image
 
-from vlm_recipes.data import BadRow, BadRowReport, DataError
+from vlm_recipes.data.errors import BadRow, DataError
+from vlm_recipes.data.rows import BadRowReport
 from vlm_recipes.tasks.base import TASKS
 from vlm_recipes.tasks.medical_steps import predictor as medical_steps_predictor
 from vlm_recipes.tasks.medical_steps import task as medical_steps_task
@@ -522,7 +523,7 @@ class TestPredict:
 
     def test_on_built_dataset_rows(self, monkeypatch, demo_dir):
         """The rows `evaluate_task` passes: decoded images, and only id/images/messages."""
-        from vlm_recipes.data import build_dataset
+        from vlm_recipes.data.rows import build_dataset
 
         generator = RecordingGenerator(lambda goal, short, long, count: "{}")
         monkeypatch.setattr(medical_steps_task, "generate_step_answers", generator)

@@ -8,7 +8,8 @@ import math
 
 import pytest
 
-from vlm_recipes.data import BadRow, BadRowReport
+from vlm_recipes.data.errors import BadRow
+from vlm_recipes.data.rows import BadRowReport
 from vlm_recipes.tasks import get_task
 from vlm_recipes.tasks.ui_actions.format import (
     ACTION_FORMATS,

@@ -94,7 +94,8 @@ def benchmark_autocast_4bit(workspace: Workspace, settings: Settings) -> dict[st
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     from vlm_recipes.configs import VLMModelConfig
-    from vlm_recipes.models import load_model, quantization_config_for
+    from vlm_recipes.models.loading import load_model
+    from vlm_recipes.models.quantization import quantization_config_for
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     blocks = settings.autocast_vision_blocks

@@ -22,7 +22,7 @@ def benchmark_collators(workspace: Workspace, settings: Settings) -> dict[str, A
 
     from vlm_recipes.chat_templates import trl_chat_template
     from vlm_recipes.collator import VisionChatCollator
-    from vlm_recipes.training import load_splits
+    from vlm_recipes.data.splits import load_splits
 
     budget = qwen_pixel_budget()
     processor, processor_name = qwen2_vl_processor(workspace, **budget)

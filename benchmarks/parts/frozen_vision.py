@@ -76,7 +76,7 @@ def vision_worker(spec_path: str) -> None:
 
     from vlm_recipes.collator import VisionChatCollator
     from vlm_recipes.configs import VLMModelConfig
-    from vlm_recipes.models import peft_config_for
+    from vlm_recipes.models.lora import peft_config_for
     from vlm_recipes.trainer import detach_frozen_vision_inputs
 
     spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))

@@ -16,9 +16,9 @@ def benchmark_padding(workspace: Workspace, settings: Settings) -> dict[str, Any
     from transformers.trainer_pt_utils import get_length_grouped_indices
 
     from vlm_recipes.collator import IGNORE_INDEX, VisionChatCollator
+    from vlm_recipes.data.splits import load_splits
     from vlm_recipes.lengths import sample_lengths
-    from vlm_recipes.models import load_processor
-    from vlm_recipes.training import load_splits
+    from vlm_recipes.models.loading import load_processor
 
     results: dict[str, Any] = {}
     for name in settings.padding_recipes:

@@ -58,9 +58,9 @@ def _train_stock_trl(workspace: Workspace, settings: Settings, hand_over=None) -
     from trl import SFTConfig, SFTTrainer
 
     from vlm_recipes.collator import normalize_messages
-    from vlm_recipes.data import BadRowReport
-    from vlm_recipes.lengths import apply_data_loading_defaults
+    from vlm_recipes.data.rows import BadRowReport
     from vlm_recipes.tasks import task_from_args
+    from vlm_recipes.trainer import apply_data_loading_defaults
 
     overrides = _shared_overrides(settings) | {"output_dir": workspace.root / "outputs" / "training-trl"}
     script_args, training_args, model_args = workspace.recipe_args("shapes_qwen2vl", overrides)

@@ -20,7 +20,8 @@ list of `{"type": "image"}` / `{"type": "text", "text": ...}` items.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+
+from ._compat import trl_chat_template_dir
 
 logger = logging.getLogger(__name__)
 
@@ -116,9 +117,7 @@ OWN_TEMPLATES: dict[str, str] = {
 
 def trl_chat_template(name: str) -> str:
     """Return the text of a chat template that TRL ships (`trl/chat_templates/<name>.jinja`)."""
-    import trl
-
-    path = Path(trl.__file__).parent / "chat_templates" / f"{name}.jinja"
+    path = trl_chat_template_dir() / f"{name}.jinja"
     if not path.is_file():
         available = sorted(p.stem for p in path.parent.glob("*.jinja"))
         raise FileNotFoundError(f"TRL ships no chat template named {name!r} ({path}); available: {available}")

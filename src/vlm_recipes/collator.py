@@ -34,15 +34,12 @@ from jinja2.exceptions import TemplateError
 from transformers import ProcessorMixin
 from transformers.utils.chat_template_utils import render_jinja_template
 
-try:  # private: what `render_jinja_template` compiles a template with (cached); see `VisionChatCollator._render`
-    from transformers.utils.chat_template_utils import _compile_jinja_template
-except ImportError:  # renamed in a later transformers: the collator renders through `render_jinja_template`
-    _compile_jinja_template = None
-
 from . import family_collation
+from ._compat import compiled_chat_template
 from .chat_templates import fill_missing_chat_template
 from .constants import IGNORE_INDEX, LabelReason
-from .data import LISTED_BAD_ROWS, DataError, row_name
+from .data.errors import DataError
+from .data.rows import LISTED_BAD_ROWS, row_name
 from .families import processor_layout
 
 logger = logging.getLogger(__name__)
@@ -179,12 +176,13 @@ class VisionChatCollator:
         pad_to_multiple_of (`int`, *optional*):
             Pad the batch length to a multiple of this.
         on_bad_row (`str`, defaults to `"error"`):
-            What to do with a sample whose image could not be decoded (the dataset's transform, `vlm_recipes.data`,
-            marks it with an `image_error` rather than raising): `"error"` raises a `DataError` naming the sample's id
-            and the image; `"skip"` leaves it out of its batch and records it in `skipped_samples` (id, image,
-            reason). When every sample of a batch is bad, the last good sample this collator returned stands in for
-            them (trained on once more, counted in `num_substituted` and logged), so that the batch still has
-            supervised tokens; before any good sample has been seen there is none to stand in, and it raises.
+            What to do with a sample whose image could not be decoded (the dataset's transform,
+            `vlm_recipes.data.rows`, marks it with an `image_error` rather than raising): `"error"` raises a
+            `DataError` naming the sample's id and the image; `"skip"` leaves it out of its batch and records it in
+            `skipped_samples` (id, image, reason). When every sample of a batch is bad, the last good sample this
+            collator returned stands in for them (trained on once more, counted in `num_substituted` and logged), so
+            that the batch still has supervised tokens; before any good sample has been seen there is none to stand
+            in, and it raises.
     """
 
     def __init__(
@@ -308,7 +306,8 @@ class VisionChatCollator:
         # the messages from plain JSON types, and `_validate` builds them from exact str, dict and list only; it
         # aliases reasoning fields, which `_validate` does not keep. The tests (test_direct_rendering_is_the_processors)
         # check both give the same text on every family's template.
-        if _compile_jinja_template is None:
+        compiled = compiled_chat_template(template)
+        if compiled is None:  # gone from a later transformers: through its public function, slower
             rendered, _ = render_jinja_template(
                 conversations=[messages],
                 chat_template=template,
@@ -316,7 +315,7 @@ class VisionChatCollator:
                 **self.tokenizer.special_tokens_map,
             )
             return rendered[0]
-        return _compile_jinja_template(template).render(
+        return compiled.render(
             messages=messages,
             tools=None,
             documents=None,

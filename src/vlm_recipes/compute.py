@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from ._compat import add_first_callback, run_before_training_step
 from .comparison import COMPUTE_REPORT_NAME
 from .constants import IGNORE_INDEX
 from .files import write_text_atomically
@@ -166,16 +167,9 @@ def track_compute(trainer, processor) -> ComputeReportCallback:
     `init`) as the trainer's own `train_runtime` clock does.
     """
     callback = ComputeReportCallback(trainer.accelerator, image_token_id_of(processor), trainer.args.output_dir)
-    trainer.callback_handler.callbacks.insert(0, callback)
-    original_training_step = trainer.training_step
-
-    # Wrapping the bound method (rather than subclassing the trainer) keeps this independent of which trainer
-    # class a script uses; `training_step` sees every micro-batch on its training process.
-    def training_step(model, inputs, *args, **kwargs):
-        callback.count_batch(inputs)
-        return original_training_step(model, inputs, *args, **kwargs)
-
-    trainer.training_step = training_step
+    add_first_callback(trainer, callback)
+    # Whatever the trainer class a script uses: `training_step` sees every micro-batch on its training process.
+    run_before_training_step(trainer, callback.count_batch)
     return callback
 
 

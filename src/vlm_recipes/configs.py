@@ -206,7 +206,7 @@ class VLMModelConfig(ModelConfig):
     )
 
     def __post_init__(self):
-        from .models import check_model_args  # clearer messages than TRL's; the checks live with the model code
+        from .models.checks import check_model_args  # clearer messages than TRL's; the checks live with the model code
 
         check_model_args(self)
         super().__post_init__()

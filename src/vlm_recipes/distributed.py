@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from ._compat import hf_deepspeed_config_unset, loading_weight_conversions, set_loading_weight_conversions
 from .constants import IGNORE_INDEX
 from .families import model_class_for
 
@@ -307,17 +308,10 @@ def without_zero3_sharding():
     DeepSpeed ZeRO-3 run. For work on one process after training: reloading the saved output, generating with it.
 
     transformers decides both from one module-level weak reference to the run's DeepSpeed config
-    (`is_deepspeed_zero3_enabled`); it is unset here and restored on exit. (accelerate's
-    `zero3_init_context_manager(enable=False)` does not do this in accelerate 1.15: it sets the reference again.)
+    (`is_deepspeed_zero3_enabled`); it is unset here and restored on exit (`_compat.hf_deepspeed_config_unset`).
     """
-    from transformers.integrations import deepspeed as hf_deepspeed
-
-    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
-    hf_deepspeed.unset_hf_deepspeed_config()
-    try:
+    with hf_deepspeed_config_unset():
         yield
-    finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
 def keep_checkpoint_key_names(model, model_args, trust_remote_code: bool = False) -> None:
@@ -333,7 +327,7 @@ def keep_checkpoint_key_names(model, model_args, trust_remote_code: bool = False
     """
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    if not is_deepspeed_zero3_enabled() or getattr(model, "_weight_conversions", None) is None:
+    if not is_deepspeed_zero3_enabled() or loading_weight_conversions(model) is None:
         return
     with without_zero3_sharding():
         reference = model_class_for(model_args.model_name_or_path).from_pretrained(
@@ -342,7 +336,7 @@ def keep_checkpoint_key_names(model, model_args, trust_remote_code: bool = False
             trust_remote_code=trust_remote_code,
             device_map="meta",
         )
-    model._weight_conversions = getattr(reference, "_weight_conversions", None)
+    set_loading_weight_conversions(model, loading_weight_conversions(reference))
 
 
 def model_for_generation(trainer, output_dir: str | Path, trust_remote_code: bool = False):

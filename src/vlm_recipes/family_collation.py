@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from .constants import IGNORE_INDEX, LabelReason
-from .data import row_name
+from .data.rows import row_name
 from .families import family_of_processor
 
 logger = logging.getLogger(__name__)

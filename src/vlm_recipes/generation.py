@@ -44,8 +44,9 @@ def load_for_generation(
     The base model of an adapter is read from its `adapter_config.json` unless `base_model` is given. The processor
     comes from the directory itself when it holds processor files (our outputs always do), else from the base.
     `quantized_as=(model_args, training_args)` loads an adapter's base as that run loaded it (4-bit or 8-bit, through
-    `models.load_model`), so that the adapter is evaluated on the base it trained on (`eval_after_train` evaluates
-    the model in memory, on that base); without it the base is loaded unquantised, as `merge_adapter` merges it.
+    `models.loading.load_model`), so that the adapter is evaluated on the base it trained on (`eval_after_train`
+    evaluates the model in memory, on that base); without it the base is loaded unquantised, as `merge_adapter` merges
+    it.
     """
     from transformers import AutoProcessor
 
@@ -59,7 +60,7 @@ def load_for_generation(
         if quantized_as is not None and base_precision(quantized_as[0]) != "unquantised":
             from dataclasses import replace
 
-            from .models import load_model
+            from .models.loading import load_model
 
             model_args, training_args = quantized_as
             model = load_model(replace(model_args, model_name_or_path=base), training_args)

@@ -2,16 +2,16 @@
 
 The length of a sample is what the model sees: the tokens of the chat-template-rendered conversation plus the image
 tokens each image expands into. We compute it from the rendered text (tokenizer only) and each image's SIZE (read
-from the file header, never its pixels), with the processor's own arithmetic for the number of image tokens:
-`processor._get_num_multimodal_tokens(image_sizes=...)`, the method vLLM uses to size its placeholders. It follows the
+from the file header, never its pixels), with the processor's own arithmetic for the number of image tokens
+(`vlm_recipes._compat.image_token_count`), the method vLLM uses to size its placeholders. It follows the
 processor's pixel budget (`min_pixels`/`max_pixels`), its resize target and image splitting. A processor without it
 (legacy Idefics2) has each sample's text processed with blank images of its images' sizes instead: exact, no pixels
 decoded, slower.
 
 What the lengths are for:
 - grouping samples of similar length into batches (`train_sampling_strategy: group_by_length`), so that batches carry
-  little padding: the lengths go into the dataset's `length_column_name` column, which the Trainer's
-  `LengthGroupedSampler` reads;
+  little padding: the lengths go into the dataset's `length_column_name` column, which the length-grouped sampler
+  of `vlm_recipes.trainer` reads;
 - the `too_long` policy, checked before training: `error` stops the run naming the sample and its length, `drop`
   leaves such samples out and counts them. (The collator still checks every batch, as a safety net.)
 
@@ -23,24 +23,20 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .data import row_name
+from ._compat import has_image_token_count, image_token_count
+from .data.rows import row_name
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "ImageTokenCounter",
-    "SeededLengthGroupedSampler",
-    "apply_data_loading_defaults",
     "apply_too_long_policy",
-    "default_dataloader_num_workers",
     "image_size",
     "padding_fraction",
-    "precomputed_lengths",
     "prepare_lengths",
     "sample_lengths",
     "sampling_strategy",
@@ -82,7 +78,8 @@ def _png_exif_after_pixels(opened) -> bool:
 def _file_size(source: Any, name: Any = None) -> tuple[int, int]:
     from PIL import Image
 
-    from .data import DataError, without_pil_pixel_limit
+    from .data.errors import DataError
+    from .data.images import without_pil_pixel_limit
 
     # The recipe's `max_image_pixels` was checked at load time and may be above PIL's own limit, hence its check off.
     try:
@@ -98,7 +95,7 @@ def image_size(image: Any) -> tuple[int, int]:
     Accepts a PIL image, a file path, a `datasets.Image` storage dict (`{"path", "bytes"}`), or an array/tensor
     (`HWC` or `CHW`). Files are opened lazily (PIL reads the header only); an EXIF rotation by 90 degrees swaps the
     sides, as `datasets` applies it when it decodes the image. A header that cannot be read is a `DataError` naming the
-    image (load time has already left such images out: `vlm_recipes.data.resolve_image`).
+    image (load time has already left such images out: `vlm_recipes.data.images.resolve_image`).
     """
     from PIL import Image
 
@@ -125,8 +122,9 @@ def image_size(image: Any) -> tuple[int, int]:
 class ImageTokenCounter:
     """How many tokens the processor turns one image placeholder into, for an image of a given size.
 
-    Uses `processor._get_num_multimodal_tokens` (transformers' own arithmetic, which follows the pixel budget, resize
-    target and image splitting of the processor's current settings), once per distinct size. `available` is False
+    Uses the processor's `_get_num_multimodal_tokens` (transformers' own arithmetic, which follows the pixel budget,
+    resize target and image splitting of the processor's current settings; `_compat.image_token_count`), once per
+    distinct size. `available` is False
     for processors without it (legacy Idefics2), or where it fails: `sample_lengths` then processes each sample's
     text with blank images of its images' sizes, which is exact and still decodes no pixels.
     """
@@ -135,7 +133,7 @@ class ImageTokenCounter:
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.image_token = getattr(processor, "image_token", None)
-        self.available = bool(self.image_token) and callable(getattr(processor, "_get_num_multimodal_tokens", None))
+        self.available = bool(self.image_token) and has_image_token_count(processor)
         # The rendered text holds this many tokens per image before the processor expands it.
         self.placeholder_length = (
             len(self.tokenizer(self.image_token, add_special_tokens=False)["input_ids"]) if self.image_token else 0
@@ -149,8 +147,7 @@ class ImageTokenCounter:
             # transformers documents `MultiModalData` as meant for vLLM, its API open to change: if it changes,
             # lengths come from processing with blank images instead (same result, slower), said once.
             try:
-                data = self.processor._get_num_multimodal_tokens(image_sizes=[key])
-                self._cache[key] = int(data["num_image_tokens"][0])
+                self._cache[key] = image_token_count(self.processor, *key)
             except (AttributeError, KeyError, TypeError, IndexError) as error:
                 logger.warning(
                     "%s._get_num_multimodal_tokens failed (%r); measuring lengths by processing blank images.",
@@ -184,9 +181,9 @@ def _raw_examples(dataset, batch_size: int = 256) -> Iterator[dict[str, Any]]:
     """The examples of a dataset with their images left undecoded.
 
     A `datasets.Dataset` is read as Arrow batches, so an `Image` column gives `{"path", "bytes"}` dicts instead of
-    decoded pictures; a custom transform (`with_transform`, as `vlm_recipes.data.build_dataset` sets to parse the JSON
-    messages and decode the images) is applied to those raw batches with the `images` column held back. Anything
-    else is iterated as it is (a list of dicts).
+    decoded pictures; a custom transform (`with_transform`, as `vlm_recipes.data.rows.build_dataset` sets to parse
+    the JSON messages and decode the images) is applied to those raw batches with the `images` column held back.
+    Anything else is iterated as it is (a list of dicts).
     """
     import datasets
 
@@ -381,98 +378,7 @@ def _with_column(dataset, column: str, values: list[int]):
     )
 
 
-def precomputed_lengths(dataset, column: str) -> list[int] | None:
-    """The dataset's length column as a list, read as plain Arrow data (None when it has no such column).
-
-    Why: the Trainer reads `dataset[length_column_name]`, which on a dataset with a custom transform (ours parse the
-    JSON messages and decode the images) is a `datasets.Column` that formats the WHOLE row, images decoded, on every
-    `lengths[i]` the sampler makes: the dataset's images would be decoded once more per epoch just to sort it.
-    """
-    import datasets
-
-    if isinstance(dataset, datasets.Dataset) and column in dataset.column_names:
-        return dataset.with_format("arrow").select_columns([column])[column].to_pylist()
-    return None
-
-
 def sampling_strategy(training_args) -> str:
+    """The run's `train_sampling_strategy` as text (`random`, `group_by_length`, `batch_rebalance`)."""
     strategy = getattr(training_args, "train_sampling_strategy", "random")
     return getattr(strategy, "value", strategy)
-
-
-class SeededLengthGroupedSampler:
-    """transformers' length-grouped order, drawn from its own generator seeded by `seed` and the epoch.
-
-    Why ours: transformers' `LengthGroupedSampler` (5.24), as the Trainer builds it, draws its order from torch's global
-    RNG when the epoch starts. A run resumed from a checkpoint restores that RNG as it was at the checkpoint, not at
-    the epoch's start, so it drew another order for the rest of the epoch (losses 0.4-0.6% off an uninterrupted run).
-    Here epoch `e` always draws from `seed + e`; accelerate's data loader calls `set_epoch` each epoch, and the Trainer
-    skips the batches already trained in the resumed epoch.
-    """
-
-    def __init__(self, batch_size: int, lengths: list[int], seed: int):
-        self.batch_size, self.lengths, self.seed, self.epoch = batch_size, list(lengths), int(seed), 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def __iter__(self):
-        import torch
-        from transformers.trainer_pt_utils import get_length_grouped_indices
-
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Data-loading defaults
-# --------------------------------------------------------------------------------------------------------------------
-def default_dataloader_num_workers(cpu_count: int | None = None) -> int:
-    """Data-loading worker processes per training process when the recipe does not say.
-
-    Image decoding and the processor run in the workers, beside the training step. One core is left to the training
-    process; at most 4 workers, which keep even a fast GPU fed at the batch sizes of our recipes. On a machine with
-    2 cores or fewer, workers only compete with training for the cores, so there are none.
-    """
-    cpu_count = _usable_cpus() if cpu_count is None else cpu_count
-    return 0 if cpu_count <= 2 else min(4, cpu_count - 1)
-
-
-def _usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def apply_data_loading_defaults(training_args, keys_set: set[str] | None) -> dict[str, Any]:
-    """Set the data-loading keys the user did not set (`keys_set`); return what was set, for the log.
-
-    - `train_sampling_strategy`: `group_by_length`, so that batches carry little padding (the lengths are measured
-      cheaply up front by `prepare_lengths`); set `random` to turn it off;
-    - `dataloader_num_workers`: `default_dataloader_num_workers()`, over the training processes of this machine;
-    - `dataloader_pin_memory`: on only where the run uses CUDA (pinned host memory speeds up copies to a GPU only);
-    - `dataloader_persistent_workers`: on when there are workers, so that they are not restarted every epoch.
-    """
-    import torch
-
-    keys_set = set(keys_set or ())
-    changed: dict[str, Any] = {}
-    if "train_sampling_strategy" not in keys_set:
-        changed["train_sampling_strategy"] = "group_by_length"
-    if "dataloader_num_workers" not in keys_set:
-        local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-        changed["dataloader_num_workers"] = default_dataloader_num_workers(max(1, _usable_cpus() // local_processes))
-    if "dataloader_pin_memory" not in keys_set:
-        changed["dataloader_pin_memory"] = torch.cuda.is_available() and not training_args.use_cpu
-    workers = changed.get("dataloader_num_workers", training_args.dataloader_num_workers)
-    if "dataloader_persistent_workers" not in keys_set:
-        changed["dataloader_persistent_workers"] = workers > 0
-    for key, value in changed.items():
-        setattr(training_args, key, value)
-    if changed:
-        logger.info("Data loading defaults: %s", ", ".join(f"{key}={value}" for key, value in changed.items()))
-    return changed

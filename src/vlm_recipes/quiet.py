@@ -22,7 +22,8 @@ KNOWN_NOISE: tuple[tuple[str, str, str], ...] = (
         "bitsandbytes.backends.cpu.ops",
         "Failed to load CPU gemm_4bit_forward from kernels-community",
         # bitsandbytes 0.50.2 logs this at import on AVX512-BF16 CPUs without the optional `kernels` package; the
-        # kernel serves only the CPU repack path, which `models.keep_4bit_weights_unpacked_on_cpu` turns off.
+        # kernel serves only the CPU repack path, which `keep_4bit_weights_unpacked_on_cpu` (models.quantization)
+        # turns off.
         "kernel of a code path our 4-bit models never take",
     ),
     (

@@ -72,7 +72,7 @@ WANDB_ENVIRONMENT = {
     "wandb_tags": "WANDB_TAGS",
 }
 # Keys left out of the recipe hash of the default run name: the name itself, where and to whom a run reports, and how
-# its data is loaded (`lengths.apply_data_loading_defaults` sets these from the machine's CPUs and CUDA), none of which
+# its data is loaded (`trainer.apply_data_loading_defaults` sets these from the machine's CPUs and CUDA), none of which
 # changes what is trained: the same recipe gets the same name on every machine.
 DATA_LOADING_KEYS = ("dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers")
 NOT_HASHED = ("run_name", "output_dir", "report_to", *WANDB_ENVIRONMENT, *DATA_LOADING_KEYS)

@@ -14,7 +14,9 @@ import transformers
 
 from .collator import VisionChatCollator
 from .configs import resolved_recipe
-from .data import DataError
+from .data.errors import DataError
+from .data.splits import load_splits
+from .demo_inputs import ensure_demo_inputs
 from .distributed import (
     check_launch,
     close_process_group,
@@ -26,21 +28,16 @@ from .distributed import (
 )
 from .evaluation import evaluate_baseline, evaluate_task, format_metrics_table
 from .generation import base_precision
-from .lengths import apply_data_loading_defaults, prepare_lengths
-from .models import (
-    ModelNotAvailableError,
-    check_model_available,
-    load_model,
-    load_processor,
-    peft_config_for,
-)
+from .lengths import prepare_lengths
+from .models.loading import ModelNotAvailableError, check_model_available, load_model, load_processor
+from .models.lora import peft_config_for
 from .quiet import configure_logging
+from .recipe_files import save_resolved_recipe
 from .recipe_keys import RecipeError
 from .reporting import start_run_tracking
 from .resume import CheckpointError, resolve_resume_checkpoint
 from .tasks import task_from_args
-from .trainer import VLMSFTTrainer
-from .training import ensure_demo_inputs, load_splits, save_resolved_recipe
+from .trainer import VLMSFTTrainer, apply_data_loading_defaults
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..data import BadRowReport
+from ..data.rows import BadRowReport
 
 __all__ = ["TASKS", "Task", "get_task", "register_task", "task_from_args"]
 

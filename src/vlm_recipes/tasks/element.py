@@ -13,7 +13,9 @@ import random
 from pathlib import Path
 from typing import Any
 
-from ..data import BadRow, BadRowReport, demo_split_sizes, read_jsonl, resolve_image
+from ..data.errors import BadRow
+from ..data.images import resolve_image
+from ..data.rows import BadRowReport, demo_split_sizes, read_jsonl
 from ..files import write_text_atomically
 from .base import Task, register_task
 

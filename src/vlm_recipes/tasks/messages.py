@@ -10,7 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..data import BadRow, BadRowReport, read_jsonl, resolve_image
+from ..data.errors import BadRow
+from ..data.images import resolve_image
+from ..data.rows import BadRowReport, read_jsonl
 from .base import Task, register_task
 
 

@@ -10,7 +10,7 @@ import json
 import random
 from pathlib import Path
 
-from ..data import demo_split_sizes
+from ..data.rows import demo_split_sizes
 from ..files import write_text_atomically
 from .base import register_task
 from .messages import MessagesTask

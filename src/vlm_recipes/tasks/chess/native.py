@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ...data import BadRow, resolve_image
+from ...data.errors import BadRow
+from ...data.images import resolve_image
 from ...files import write_text_atomically
 from .format import fen_to_position_json, format_position, position_json_to_fen
 

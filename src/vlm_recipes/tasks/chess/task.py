@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ...data import BadRow, BadRowReport, DataError, decode_utf8_lines
+from ...data.errors import BadRow, DataError
+from ...data.rows import BadRowReport, decode_utf8_lines
 from ..base import Task, register_task
 from .demo_data import write_demo_data
 from .metrics import aggregate_position_scores, position_scores

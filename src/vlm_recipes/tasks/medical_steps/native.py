@@ -23,7 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ...data import DEFAULT_MAX_IMAGE_PIXELS, DataError, decode_utf8_lines, read_image_header
+from ...data.errors import DataError
+from ...data.images import DEFAULT_MAX_IMAGE_PIXELS, read_image_header
+from ...data.rows import decode_utf8_lines
 
 __all__ = [
     "IMAGE_SUFFIXES",

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ...data import BadRow, BadRowReport
+from ...data.errors import BadRow
+from ...data.rows import BadRowReport
 from ..base import Task, register_task
 from .demo_data import write_demo_data
 from .format import build_step_messages, next_memory, parse_step_context, parse_step_output

@@ -7,7 +7,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from ...data import demo_split_sizes
+from ...data.rows import demo_split_sizes
 from ...files import write_text_atomically
 from .geometry import Size
 

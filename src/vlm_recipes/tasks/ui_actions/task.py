@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ...data import BadRow, BadRowReport, read_image_header, read_jsonl, resolve_image
+from ...data.errors import BadRow
+from ...data.images import read_image_header, resolve_image
+from ...data.rows import BadRowReport, read_jsonl
 from ..base import Task, register_task
 from .demo_data import write_demo_data
 from .format import (
