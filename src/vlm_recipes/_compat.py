@@ -1,9 +1,9 @@
 """Every place where vlm-recipes relies on another library's internals, one small function each.
 
 A private name, a module outside a library's public API, a flag read by a library's code, or a patched method: each
-is here, with the versions it was checked against and why we need it. `tests/test_compat.py` checks that each still
+is here, with the versions it was checked against and why we need it. `tests/unit/test_compat.py` checks that each still
 finds what it expects, so an upgrade that moves one fails there, by name, rather than somewhere in a training run.
-No other module of `vlm_recipes` touches a third-party private name (`tests/test_import_graph.py` checks).
+No other module of `vlm_recipes` touches a third-party private name (`tests/unit/test_import_graph.py` checks).
 
 Checked against: transformers 5.24.0, TRL 1.16.0, PEFT 0.21.2, accelerate 1.16.0, bitsandbytes 0.50.2, torch 2.14.1.
 Imports happen inside the functions, so that importing this module loads none of those libraries.

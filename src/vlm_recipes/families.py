@@ -7,7 +7,7 @@ the parts differently (LoRA targets, freezing, per-part learning rates) asks thi
 Module prefixes are the names of `model.named_modules()` of the model as `AutoModelForImageTextToText` loads it
 (transformers 5 layout). A module belongs to the part whose prefix is the longest match, so a projector nested in
 the vision tower (Qwen's `model.visual.merger`) counts as projector. The prefixes of every family that transformers
-ships are checked against a tiny model of that family by `tests/test_families.py`.
+ships are checked against a tiny model of that family by `tests/unit/test_families.py`.
 
 A family is recognised from:
 - a local directory: `config.json`'s `model_type`; a LoRA adapter's `adapter_config.json` (its base model, in turn);

@@ -25,7 +25,7 @@ REAL_PROCESSORS = {
     "llava": ("llava", {}),
 }
 # Tiny families that render whole conversations (PaliGemma and Florence-2 take one prompt and one answer, no
-# multi-turn or text-only rows: tests/test_families.py checks their labels).
+# multi-turn or text-only rows: tests/unit/test_families.py checks their labels).
 TINY_KIND = {
     "qwen2_vl": "qwen",
     "qwen2_5_vl": "qwen",
@@ -36,7 +36,7 @@ TINY_KIND = {
 }
 # Tiny templates with generation markers whose marker mask is comparable: LLaVA-1.5's answers get an eos appended by
 # the collator, which the markers do not cover, and Idefics2's legacy processor gives transformers no replacement
-# offsets, so its marker mask is misplaced (tests/test_families.py checks Idefics2's labels).
+# offsets, so its marker mask is misplaced (tests/unit/test_families.py checks Idefics2's labels).
 MARKER_FAMILIES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "smolvlm")
 
 

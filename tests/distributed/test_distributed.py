@@ -27,7 +27,7 @@ import pytest
 import torch
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 ACCELERATE_CONFIGS = REPO_ROOT / "accelerate_configs"
 DEEPSPEED_CONFIGS = REPO_ROOT / "deepspeed"
 SLURM_SCRIPT = REPO_ROOT / "scripts" / "slurm" / "train.slurm"

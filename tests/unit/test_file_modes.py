@@ -1,6 +1,6 @@
 """What we publish gets the file modes of the user's umask (`vlm_recipes.file_modes`): the demos' tiny model and data
 (built in a `mkdtemp` directory), a run's checkpoints and final output (safetensors writes its files 0o600). The
-merged model's modes are tested in tests/test_checkpoints.py."""
+merged model's modes are tested in tests/e2e/test_checkpoints.py."""
 
 import os
 import stat
