@@ -23,7 +23,6 @@ from .distributed import (
     keep_checkpoint_key_names,
     launch_summary,
     model_for_generation,
-    with_image_in_every_batch,
     without_zero3_sharding,
 )
 from .evaluation import evaluate_baseline, evaluate_task, format_metrics_table
@@ -115,7 +114,7 @@ def main(script_args, training_args, model_args, on_trainer: Callable | None = N
         model_args=model_args,
         model=model,
         args=training_args,
-        data_collator=with_image_in_every_batch(collator, training_args),  # no process skips the vision tower
+        data_collator=collator,  # wrapped by the trainer so that no process skips the vision tower
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=processor,

@@ -28,6 +28,7 @@ from trl import ModelConfig, SFTTrainer
 
 from ._compat import length_grouped_indices, rotate_checkpoints, trainer_checkpoint_folder
 from .checkpoints.processor_files import save_processor_files
+from .distributed import with_image_in_every_batch
 from .families import UnknownFamilyError, family_of_model
 from .lengths import sampling_strategy
 from .models.checks import deepspeed_zero_stage
@@ -344,6 +345,10 @@ class VLMSFTTrainer(SFTTrainer):
         training_args = kwargs.get("args")
         if training_args is not None:
             _configure_gradient_checkpointing(model_args, training_args)
+            if kwargs.get("data_collator") is not None:
+                # Several processes: a text-only batch gets a masked dummy image, so that no process skips the
+                # vision tower and the others wait for its gradients.
+                kwargs["data_collator"] = with_image_in_every_batch(kwargs["data_collator"], training_args)
         super().__init__(*args, **kwargs)
         self.add_callback(_FrozenVisionWithoutGrad(self))
         checkpointing_kwargs = self.args.activation_checkpointing_kwargs or {}
