@@ -5,7 +5,8 @@ machine; a missing recipe file, a YAML typo or a misspelt key should not wait fo
 standard library and PyYAML, and reads the names, types, defaults and help of every recipe key from
 `recipe_keys.json`, an index that `python -m vlm_recipes.configs --write-key-index` builds from the installed TRL and
 transformers (a test fails when it no longer matches them). `vlm_recipes.configs.parse_recipe` checks everything again
-against the live classes, so a stale index can make an error slower, never let one through.
+against the live classes. With other TRL or transformers versions than the index was built for, key names are
+left to `parse_recipe` (slower to answer, never wrong).
 """
 
 from __future__ import annotations
@@ -119,12 +120,30 @@ def check_command_line_keys(args: list[str], valid: Collection[str]) -> None:
 
 
 def _command_line_task(args: list[str]) -> str | None:
-    for position, arg in enumerate(args):
-        if arg.startswith("--task="):
-            return arg.split("=", 1)[1]
-        if arg == "--task" and position + 1 < len(args):
+    """The last `--task` given, as argparse reads it."""
+    for position in reversed(range(len(args))):
+        if args[position].startswith("--task="):
+            return args[position].split("=", 1)[1]
+        if args[position] == "--task" and position + 1 < len(args):
             return args[position + 1]
     return None
+
+
+def _index_matches_installed(index: dict[str, Any]) -> bool:
+    """Whether the key index was built for the installed TRL and transformers (read from their metadata, without
+    importing them): another version may have other keys, which only `parse_recipe` can know."""
+    import importlib.metadata
+
+    try:
+        installed = {name: importlib.metadata.version(name) for name in index["versions"]}
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return installed == index["versions"]
+
+
+class _AnyKey:
+    def __contains__(self, key: object) -> bool:
+        return True
 
 
 def check_command_line(args: list[str]) -> bool:
@@ -135,10 +154,14 @@ def check_command_line(args: list[str]) -> bool:
     if "--help" in args or "-h" in args:
         return True
     index = key_index()
-    valid = set(index["keys"])
     recipe_path, rest = split_recipe_path(args)
+    # With other library versions, key names are left to `parse_recipe`; the file, its YAML and the task name are
+    # still checked here.
+    matches = _index_matches_installed(index)
+    valid = set(index["keys"]) if matches else _AnyKey()
     recipe = read_recipe_file(recipe_path, valid) if recipe_path is not None else {}
-    check_command_line_keys(rest, valid)
+    if matches:
+        check_command_line_keys(rest, valid)
     task = _command_line_task(rest)
     if task is not None:
         check_task_name(task, "on the command line", index["tasks"])
@@ -153,7 +176,11 @@ def format_help(width: int = 100) -> str:
     groups: dict[str, list[tuple[str, dict[str, Any]]]] = {}
     for name, key in index["keys"].items():
         groups.setdefault(key["group"], []).append((name, key))
+    versions = ", ".join(f"{name} {version}" for name, version in index["versions"].items())
     lines = [USAGE, "", "Keys go in the recipe YAML or on the command line (`--key value`, which wins)."]
+    lines.append(
+        f"The keys of {versions}" + ("." if _index_matches_installed(index) else " (not the versions installed).")
+    )
     for group, keys in groups.items():
         lines += ["", f"{group}:"]
         for name, key in keys:

@@ -70,7 +70,7 @@ def staging_name(name: str) -> str:
 def replace_directory(staged: Path, target: Path) -> None:
     """Put the whole directory `staged` at `target` by rename; an existing `target` is moved aside and deleted."""
     staged, target = Path(staged), Path(target)
-    apply_user_modes(staged)  # safetensors writes weights 0o600 (see vlm_recipes.file_modes)
+    apply_user_modes(staged)  # safetensors writes weights 0o600 (see vlm_recipes.files)
     old = target.with_name(staging_name(f"old-{target.name}"))
     if target.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -103,7 +103,7 @@ def publish_directory(staging: Path, directory: Path) -> list[str]:
     `withdraw_completion_files(directory)` before the new files are written.
     """
     staging, directory = Path(staging), Path(directory)
-    apply_user_modes(staging)  # safetensors writes weights 0o600 (see vlm_recipes.file_modes)
+    apply_user_modes(staging)  # safetensors writes weights 0o600 (see vlm_recipes.files)
     entries = sorted(staging.iterdir(), key=lambda entry: (entry.name in COMPLETION_FILES, entry.name))
     for entry in entries:
         target = directory / entry.name

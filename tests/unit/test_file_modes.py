@@ -1,4 +1,4 @@
-"""What we publish gets the file modes of the user's umask (`vlm_recipes.file_modes`): the demos' tiny model and data
+"""What we publish gets the file modes of the user's umask (`vlm_recipes.files`): the demos' tiny model and data
 (built in a `mkdtemp` directory), a run's checkpoints and final output (safetensors writes its files 0o600). The
 merged model's modes are tested in tests/e2e/test_checkpoints.py."""
 

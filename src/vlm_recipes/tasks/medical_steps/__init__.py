@@ -5,6 +5,8 @@ Modules: `native` (reading `steps.csv`), `splits` (task-level splits), `format` 
 inference API: `load_predictor`, `MedicalStepsPredictor`).
 """
 
+# The inference API is public at the package level: `from vlm_recipes.tasks.medical_steps import load_predictor`.
+from .predictor import MedicalStepsPredictor, load_predictor
 from .task import MedicalStepsTask
 
-__all__ = ["MedicalStepsTask"]
+__all__ = ["MedicalStepsPredictor", "MedicalStepsTask", "load_predictor"]
