@@ -12,6 +12,8 @@ import time
 from functools import partial
 from typing import Any
 
+from vlm_recipes._compat import run_before_training_step
+
 
 class StepRecorder:
     """Wall time at the end of each optimizer step, and what each micro-batch held (counted in `training_step`)."""
@@ -48,17 +50,16 @@ class StepRecorder:
                 recorder.resumed.append(time.perf_counter())
 
         trainer.add_callback(_Callback())
-        original_training_step = trainer.training_step
 
-        def training_step(model, inputs, *args, **kwargs):
+        def record_batch(inputs):
             mask = inputs["attention_mask"]
             record = {"samples": int(mask.shape[0]), "tokens": int(mask.sum()), "positions": int(mask.numel())}
             if vision_patches and "image_grid_thw" in inputs:
                 record["patches"] = int(inputs["image_grid_thw"].prod(dim=-1).sum())
             recorder.batches.append(record)
-            return original_training_step(model, inputs, *args, **kwargs)
 
-        trainer.training_step = training_step
+        # The same hook the compute report uses (the library's one touch of `training_step`).
+        run_before_training_step(trainer, record_batch)
 
     def rates(self, warmup: int) -> dict[str, float]:
         """Samples/s, tokens/s and padding of the steps after `warmup` (one micro-batch per step)."""
