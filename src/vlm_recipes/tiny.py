@@ -647,7 +647,63 @@ def _make_qwen2_vl_wide_config(base: dict[str, Any] | None, tokenizer):
     return Qwen2VLConfig(text_config=text, vision_config=vision, **_qwen_token_ids(tokenizer))
 
 
+# SmolVLM for screenshots (`tiny_model_family: smolvlm_wide`): one 128-pixel view cut into 16-pixel patches, not
+# pixel-shuffled (64 image tokens), a vision tower of width 64 and a text model of hidden size 128 and 4 layers,
+# about 0.75M parameters. On the ui_actions demo it learns where to click from the screen's colours (click accuracy
+# 0.89-1.0), where `qwen2_vl_wide` stayed at 0.17-0.47.
+_SMOLVLM_WIDE_VIEW = 128
+_SMOLVLM_WIDE_PATCH = 16
+
+
+def _make_smolvlm_wide_config(base: dict[str, Any] | None, tokenizer):
+    config = _make_smolvlm_config(base, tokenizer).to_dict()
+    vision = {
+        **config["vision_config"],
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "image_size": _SMOLVLM_WIDE_VIEW,
+        "patch_size": _SMOLVLM_WIDE_PATCH,
+    }
+    text = {
+        **config["text_config"],
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+    }
+    from transformers import Idefics3Config
+
+    return Idefics3Config(
+        vision_config=vision,
+        text_config=text,
+        scale_factor=1,
+        image_token_id=config["image_token_id"],
+        tie_word_embeddings=True,
+    )
+
+
+def _make_smolvlm_wide_image_processor():
+    from transformers import Idefics3ImageProcessor
+
+    image_processor = Idefics3ImageProcessor(
+        size={"longest_edge": _SMOLVLM_WIDE_VIEW},
+        max_image_size={"longest_edge": _SMOLVLM_WIDE_VIEW},
+        do_image_splitting=False,
+    )
+    return {"image_processor": image_processor}
+
+
 TINY_DEMO_VARIANTS: dict[str, TinyFamily] = {
+    "smolvlm_wide": replace(
+        TINY_FAMILIES["smolvlm"],
+        name="smolvlm_wide",
+        make_config=_make_smolvlm_wide_config,
+        make_vision_processors=_make_smolvlm_wide_image_processor,
+        processor_kwargs={"image_seq_len": (_SMOLVLM_WIDE_VIEW // _SMOLVLM_WIDE_PATCH) ** 2},
+    ),
     "qwen2_vl_wide": replace(
         _qwen_family("qwen2_vl", _make_qwen2_vl_wide_config, "Qwen2VLProcessor"), name="qwen2_vl_wide"
     ),
