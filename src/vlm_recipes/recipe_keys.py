@@ -142,6 +142,8 @@ def _index_matches_installed(index: dict[str, Any]) -> bool:
 
 
 class _AnyKey:
+    """Every key name counts as valid: the early check leaves key names to `parse_recipe`."""
+
     def __contains__(self, key: object) -> bool:
         return True
 
