@@ -283,8 +283,9 @@ def append_masked_dummy_image(
 
 
 def with_image_in_every_batch(collator, training_args):
-    """`ImageInEveryBatch(collator)` when more than one process trains, else `collator` itself."""
-    if training_args.world_size <= 1:
+    """`ImageInEveryBatch(collator)` when more than one process trains, else `collator` itself (also when it is
+    wrapped already: `VLMSFTTrainer` wraps the collator it is given)."""
+    if training_args.world_size <= 1 or isinstance(collator, ImageInEveryBatch):
         return collator
     return ImageInEveryBatch(collator)
 

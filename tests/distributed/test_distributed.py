@@ -526,7 +526,9 @@ class TestImageInEveryBatch:
 
         collator = VisionChatCollator(AutoProcessor.from_pretrained(tiny_model_dirs["qwen2_vl"]))
         assert with_image_in_every_batch(collator, SimpleNamespace(world_size=1)) is collator
-        assert isinstance(with_image_in_every_batch(collator, SimpleNamespace(world_size=2)), ImageInEveryBatch)
+        wrapped = with_image_in_every_batch(collator, SimpleNamespace(world_size=2))
+        assert isinstance(wrapped, ImageInEveryBatch)
+        assert with_image_in_every_batch(wrapped, SimpleNamespace(world_size=2)) is wrapped  # never twice
 
 
 class TestWithoutZero3Sharding:
