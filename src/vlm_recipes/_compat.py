@@ -5,7 +5,8 @@ is here, with the versions it was checked against and why we need it. `tests/uni
 finds what it expects, so an upgrade that moves one fails there, by name, rather than somewhere in a training run.
 No other module of `vlm_recipes` touches a third-party private name (`tests/unit/test_import_graph.py` checks).
 
-Checked against: transformers 5.24.0, TRL 1.16.0, PEFT 0.21.2, accelerate 1.16.0, bitsandbytes 0.50.2, torch 2.14.1.
+Checked against: transformers 5.24.0, TRL 1.16.0, PEFT 0.21.2, accelerate 1.16.0, bitsandbytes 0.50.2, torch 2.14.1,
+datasets 5.2.0.
 Imports happen inside the functions, so that importing this module loads none of those libraries.
 """
 
@@ -20,6 +21,7 @@ from typing import Any
 __all__ = [
     "add_first_callback",
     "compiled_chat_template",
+    "dataset_fingerprint",
     "forward_pre_hooks",
     "has_image_token_count",
     "hf_deepspeed_config_unset",
@@ -248,3 +250,16 @@ def turn_off_4bit_cpu_repacking(layer) -> None:
     alone; GPU runs never take that path.
     """
     layer.support_avx512bf16_for_cpu = False
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# datasets
+# --------------------------------------------------------------------------------------------------------------------
+def dataset_fingerprint(dataset) -> str:
+    """The fingerprint `datasets` keeps for a `Dataset`'s content and history (`Dataset._fingerprint`, datasets 5.2).
+
+    Why: our `datasets.map` passes whose function holds a processor (sample lengths) pass `new_fingerprint`, built
+    from this and the processor's settings, so that their cache is found again on the next run; `datasets` itself
+    would hash the processor object, which does not hash the same from one process to the next.
+    """
+    return dataset._fingerprint

@@ -347,7 +347,10 @@ class VisionChatCollator:
                     raise DataError(f"{where}: an assistant turn holds an image; images belong in user turns.")
                 if not "".join(item["text"] for item in content).strip():
                     raise DataError(f"{where}: the assistant turn is empty; there is nothing to learn from it.")
-            messages.append({"role": ROLES[ROLES.index(message["role"])], "content": content})  # exact str
+            checked = {"role": ROLES[ROLES.index(message["role"])], "content": content}  # exact str
+            if message["role"] == "assistant" and message.get("weight", 1) == 0:
+                checked["weight"] = 0  # context, not a target: an assistant turn of a prompt-completion prompt
+            messages.append(checked)
         roles = [message["role"] for message in messages]
         if "assistant" not in roles:
             raise DataError(f"{name}: no assistant turn; the loss is computed on assistant turns only.")
@@ -394,7 +397,8 @@ class VisionChatCollator:
                         f"{name}: with `add_generation_prompt=True` the chat template does not render a prefix of "
                         f"message {turn}'s assistant turn; cannot tell the prompt from the answer."
                     )
-                spans.append((len(prompt), len(through_turn)))
+                if message.get("weight", 1):
+                    spans.append((len(prompt), len(through_turn)))
                 regions.append((previous_end, len(prompt), "assistant_cue"))
                 regions.append((len(prompt), len(through_turn), "assistant"))
             else:

@@ -36,6 +36,8 @@ __all__ = [
 ]
 
 TOO_LONG_POLICIES = ("error", "drop")
+# The formats of `dataset_name` datasets (`vlm_recipes.data.formats.FORMATS`, which this must equal; a test checks).
+DATASET_FORMATS = ("messages", "prompt_completion", "llava", "sharegpt")
 BAD_ROW_POLICIES = ("error", "skip")
 
 
@@ -46,12 +48,20 @@ class VLMScriptArguments(ScriptArguments):
     Args:
         task (`str`, defaults to `"messages"`):
             Registered task (`vlm_recipes.tasks.TASKS`) that reads the native data format into messages.
+        dataset_name (`str`, *optional*):
+            TRL's key: a hub dataset id, a local folder in hub layout (parquet/json/jsonl/csv/arrow files), a
+            `save_to_disk` folder or one data file, read through `datasets` (with TRL's `dataset_config`,
+            `dataset_train_split`, `dataset_test_split` and `dataset_streaming`). Instead of `dataset_path`.
+        dataset_format (`str`, defaults to `"auto"`):
+            Format of a `dataset_name` dataset: `messages`, `prompt_completion`, `llava` or `sharegpt`; `auto`
+            detects it from the columns.
         dataset_path (`str`, *optional*):
-            Local directory holding the task's native data files. Takes the place of TRL's `dataset_name`.
+            Local directory holding the task's native data files (instead of `dataset_name`).
         image_base_dir (`str`, *optional*):
             Directory that relative image paths are resolved against; defaults to `dataset_path`.
         eval_split (`str`, *optional*, defaults to `"val"`):
-            Split used for evaluation during training (`None` to skip).
+            Split used for evaluation during training (`None` to skip). With `dataset_name`, defaults to
+            `dataset_test_split`, as in TRL.
         max_train_samples (`int`, *optional*):
             Use at most this many training samples (the first ones).
         max_eval_samples (`int`, *optional*):
@@ -100,7 +110,18 @@ class VLMScriptArguments(ScriptArguments):
     """
 
     dataset_name: str | None = field(
-        default=None, metadata={"help": "Hub dataset name (unused by the local tasks; use `dataset_path`)."}
+        default=None,
+        metadata={
+            "help": "Hub dataset id, local hub-layout folder, save_to_disk folder or data file (instead of "
+            "`dataset_path`)."
+        },
+    )
+    dataset_format: str = field(
+        default="auto",
+        metadata={
+            "help": "Format of a `dataset_name` dataset; `auto` detects it from the columns.",
+            "choices": ["auto", *DATASET_FORMATS],
+        },
     )
     task: str = field(default="messages", metadata={"help": "Registered task that reads the native data format."})
     dataset_path: str | None = field(default=None, metadata={"help": "Local directory of the task's native data."})
@@ -163,6 +184,15 @@ class VLMScriptArguments(ScriptArguments):
             raise RecipeError(f"`on_bad_row` must be one of {BAD_ROW_POLICIES}, got {self.on_bad_row!r}.")
         if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
             raise RecipeError(f"`min_pixels`={self.min_pixels} is above `max_pixels`={self.max_pixels}.")
+        if self.dataset_format not in ("auto", *DATASET_FORMATS):
+            raise RecipeError(
+                f"`dataset_format` must be auto or one of {list(DATASET_FORMATS)}, got {self.dataset_format!r}."
+            )
+        if self.dataset_name and self.dataset_path:
+            raise RecipeError(
+                "Set one of `dataset_name` (a dataset read through `datasets`) and `dataset_path` (a task's native "
+                "files), not both."
+            )
 
 
 @dataclass
@@ -603,7 +633,25 @@ def parse_recipe(args: list[str] | None = None) -> tuple[VLMScriptArguments, SFT
     script_args.task_options = dataclasses.asdict(by_class[own_class]) if own_class is not None else {}
     # The keys the user set (recipe file and command line), so that scripts can pick defaults for the others.
     script_args.keys_set = keys_set
+    check_streaming(script_args, training_args, keys_set)
     return script_args, training_args, model_args
+
+
+def check_streaming(script_args, training_args, keys_set: set[str]) -> None:
+    """`dataset_streaming: true` trains from a stream without a length: it needs `dataset_name`, a step count, and
+    no length grouping (which needs every sample's length up front)."""
+    if not script_args.dataset_streaming:
+        return
+    if not script_args.dataset_name:
+        raise RecipeError("`dataset_streaming: true` streams a `dataset_name` dataset; set `dataset_name`.")
+    if training_args.max_steps is None or training_args.max_steps <= 0:
+        raise RecipeError("`dataset_streaming: true` has no dataset length to count epochs by: set `max_steps` (> 0).")
+    strategy = getattr(training_args.train_sampling_strategy, "value", training_args.train_sampling_strategy)
+    if "train_sampling_strategy" in keys_set and strategy != "random":
+        raise RecipeError(
+            f"`train_sampling_strategy: {strategy}` needs every sample's length up front, which a stream "
+            "(`dataset_streaming: true`) does not have; set `train_sampling_strategy: random`."
+        )
 
 
 def _field_default(dataclass_field: dataclasses.Field) -> Any:

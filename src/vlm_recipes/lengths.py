@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ._compat import has_image_token_count, image_token_count
+from ._compat import dataset_fingerprint, has_image_token_count, image_token_count
 from .data.rows import row_name
 
 logger = logging.getLogger(__name__)
@@ -104,6 +104,8 @@ def image_size(image: Any) -> tuple[int, int]:
         return height, width
     if isinstance(image, (str, Path)):
         return _file_size(image)
+    if isinstance(image, (bytes, bytearray)):
+        return _file_size(io.BytesIO(image), name="(image bytes)")
     if isinstance(image, dict) and ("path" in image or "bytes" in image):
         if image.get("bytes"):
             return _file_size(io.BytesIO(image["bytes"]), name=image.get("path") or "(image bytes)")
@@ -177,35 +179,12 @@ def _length_with_blank_images(collator, text: str, sizes: list[tuple[int, int]])
 # --------------------------------------------------------------------------------------------------------------------
 # Sample lengths
 # --------------------------------------------------------------------------------------------------------------------
-def _raw_examples(dataset, batch_size: int = 256) -> Iterator[dict[str, Any]]:
-    """The examples of a dataset with their images left undecoded.
-
-    A `datasets.Dataset` is read as Arrow batches, so an `Image` column gives `{"path", "bytes"}` dicts instead of
-    decoded pictures; a custom transform (`with_transform`, as `vlm_recipes.data.rows.build_dataset` sets to parse
-    the JSON messages and decode the images) is applied to those raw batches with the `images` column held back.
-    Anything else is iterated as it is (a list of dicts).
-    """
-    import datasets
-
-    if not isinstance(dataset, datasets.Dataset):
-        yield from dataset
-        return
-    transform = dataset.format["format_kwargs"].get("transform") if dataset.format["type"] == "custom" else None
-    arrow = dataset.with_format("arrow")
-    for start in range(0, len(dataset), batch_size):
-        batch = arrow[start : start + batch_size].to_pydict()
-        if transform is not None:
-            images = batch.pop("images", None)
-            batch = transform(batch)
-            if images is not None:
-                batch["images"] = images
-        size = len(next(iter(batch.values()))) if batch else 0
-        for i in range(size):
-            yield {key: values[i] for key, values in batch.items()}
-
-
 def sample_lengths(
-    dataset, collator, description: str = "Measuring sample lengths", progress: bool = True
+    dataset,
+    collator,
+    description: str = "Measuring sample lengths",
+    progress: bool = True,
+    num_proc: int | None = None,
 ) -> tuple[list[int], list[str]]:
     """Return `(lengths, names)`: each sample's token count as the collator will encode it, and its name.
 
@@ -213,19 +192,91 @@ def sample_lengths(
     it appends included) and tokenized; each image placeholder counts as the image tokens the processor expands it
     into for that image's size. Pixels are never decoded; the model never runs. A malformed row raises the collator's
     own error, naming the row.
-    """
-    from tqdm.auto import tqdm
 
-    from .collator import special_tokens_kwargs
+    A `datasets.Dataset` is measured by `datasets.map` (over `num_proc` processes), its result cached with the dataset
+    under a fingerprint of the dataset and the processor (`processor_fingerprint`): a second run on the same data and
+    processor reads the lengths back at once. Anything else (a list of examples) is measured in this process.
+    """
+    import datasets
 
     if getattr(collator, "layout", "causal") != "causal":
         return _processed_lengths(dataset, collator, description, progress)
-    counter = ImageTokenCounter(collator.processor)
+    if not isinstance(dataset, datasets.Dataset):
+        examples = list(dataset)
+        return _lengths_of_examples(examples, collator), [row_name(example, i) for i, example in enumerate(examples)]
+    transform = dataset.format["format_kwargs"].get("transform") if dataset.format["type"] == "custom" else None
+    plain = dataset.with_format(None)
+    measured = plain.map(
+        _length_batch,
+        batched=True,
+        batch_size=LENGTH_BATCH_SIZE,
+        with_indices=True,
+        remove_columns=plain.column_names,
+        features=datasets.Features({"length": datasets.Value("int64")}),
+        fn_kwargs={"collator": collator, "transform": transform},
+        new_fingerprint=datasets.fingerprint.Hasher.hash(
+            [dataset_fingerprint(dataset), processor_fingerprint(collator), "sample_lengths/1"]
+        ),
+        num_proc=num_proc if num_proc and num_proc > 1 and len(plain) > LENGTH_BATCH_SIZE else None,
+        desc=description,
+    )
+    lengths = measured.with_format("arrow")["length"].to_pylist()
+    ids = plain.with_format("arrow").select_columns(["id"])["id"].to_pylist() if "id" in plain.column_names else None
+    names = [row_name({"id": ids[i] if ids else None}, i) for i in range(len(lengths))]
+    return lengths, names
+
+
+# Rows per `datasets.map` batch of the length pass, and per tokenizer call.
+LENGTH_BATCH_SIZE = 256
+# Image-token counters by collator, one per process (a `datasets.map` worker builds its own).
+_COUNTERS: dict[int, ImageTokenCounter] = {}
+
+
+def processor_fingerprint(collator) -> str:
+    """A hash of what sample lengths depend on: the processor's settings, its tokenizer and chat template, and how
+    the collator renders (end-of-turn tokens it appends)."""
+    import datasets
+
+    processor = collator.processor
+    settings = processor.to_json_string() if hasattr(processor, "to_json_string") else repr(processor)
+    tokenizer = collator.tokenizer
+    return datasets.fingerprint.Hasher.hash(
+        [
+            type(processor).__name__,
+            settings,
+            tokenizer.name_or_path,
+            len(tokenizer),
+            getattr(tokenizer, "chat_template", None),
+            getattr(processor, "chat_template", None),
+            getattr(collator, "add_eos_if_missing", None),
+        ]
+    )
+
+
+def _length_batch(batch: dict[str, list], indices: list[int], collator, transform) -> dict[str, list]:
+    images = batch.pop("images", None)
+    if transform is not None:
+        batch = transform(batch)
+    if images is not None:
+        batch["images"] = images
+    size = len(indices)
+    examples = [{key: values[i] for key, values in batch.items()} for i in range(size)]
+    return {"length": _lengths_of_examples(examples, collator, indices)}
+
+
+def _lengths_of_examples(examples: list[dict[str, Any]], collator, indices: list[int] | None = None) -> list[int]:
+    """Token counts of examples whose images are undecoded (paths, bytes or storage dicts); `indices` name them."""
+    from .collator import special_tokens_kwargs
+
+    counter = _COUNTERS.get(id(collator))
+    if counter is None or counter.processor is not collator.processor:
+        counter = _COUNTERS[id(collator)] = ImageTokenCounter(collator.processor)
     tokenizer = collator.tokenizer
     lengths: list[int] = []
-    names: list[str] = []
+    texts: list[str] = []
+    image_tokens: list[int] = []
 
-    def flush(texts: list[str], image_tokens: list[int]) -> None:
+    def flush() -> None:
         # Texts that already start with BOS are tokenized without a second one, as the collator does.
         by_kwargs: dict[bool, list[int]] = {}
         for position, text in enumerate(texts):
@@ -237,32 +288,25 @@ def sample_lengths(
             for position, ids in zip(positions, encoded):
                 counts[position] = len(ids)
         lengths.extend(count + extra for count, extra in zip(counts, image_tokens))
+        texts.clear()
+        image_tokens.clear()
 
-    total = len(dataset) if hasattr(dataset, "__len__") else None
-    texts: list[str] = []
-    image_tokens: list[int] = []
-    for index, example in enumerate(
-        tqdm(_raw_examples(dataset), total=total, desc=description, leave=False, disable=not progress)
-    ):
+    for position, example in enumerate(examples):
+        index = indices[position] if indices is not None else position
         text = collator.rendered_text(example, index)
         images = example.get("images") or []
         sizes = [image_size(image) for image in (images if isinstance(images, (list, tuple)) else [images])]
-        names.append(row_name(example, index))
         counts = [counter(*size) for size in sizes]
         if None in counts:  # no token arithmetic for this processor: process the text with blank images
-            if texts:
-                flush(texts, image_tokens)
-                texts, image_tokens = [], []
+            flush()
             lengths.append(_length_with_blank_images(collator, text, sizes))
             continue
         texts.append(text)
         image_tokens.append(sum(count - counter.placeholder_length for count in counts))
-        if len(texts) >= 256:
-            flush(texts, image_tokens)
-            texts, image_tokens = [], []
-    if texts:
-        flush(texts, image_tokens)
-    return lengths, names
+        if len(texts) >= LENGTH_BATCH_SIZE:
+            flush()
+    flush()
+    return lengths
 
 
 def _processed_lengths(dataset, collator, description: str, progress: bool) -> tuple[list[int], list[str]]:
@@ -337,10 +381,16 @@ def prepare_lengths(script_args, training_args, collator, train_dataset, eval_da
     dropped: dict[str, list[str]] = {}
     prepared = []
     for split, dataset in (("train", train_dataset), ("eval", eval_dataset)):
-        if dataset is None or (collator.max_length is None and not grouping):
+        if dataset is None or (collator.max_length is None and not grouping) or not hasattr(dataset, "__len__"):
+            # A stream has no length pass: the collator applies `too_long` to each batch (same policy, counted).
             prepared.append(dataset)
             continue
-        lengths, names = sample_lengths(dataset, collator, description=f"Measuring {split} sample lengths")
+        lengths, names = sample_lengths(
+            dataset,
+            collator,
+            description=f"Measuring {split} sample lengths",
+            num_proc=getattr(training_args, "dataset_num_proc", None),
+        )
         dataset, lengths, dropped[split] = apply_too_long_policy(
             dataset, lengths, names, collator.max_length, script_args.too_long, split
         )

@@ -15,7 +15,7 @@ import transformers
 from .collator import VisionChatCollator
 from .configs import resolved_recipe
 from .data.errors import DataError
-from .data.splits import load_splits
+from .data.splits import eval_split_name, load_splits
 from .demo_inputs import ensure_demo_inputs
 from .distributed import (
     check_launch,
@@ -61,6 +61,8 @@ def main(script_args, training_args, model_args, on_trainer: Callable | None = N
     training_args.remove_unused_columns = False
     training_args.dataset_kwargs = {**(training_args.dataset_kwargs or {}), "skip_prepare_dataset": True}
     apply_data_loading_defaults(training_args, script_args.keys_set)
+    if script_args.dataset_streaming:
+        use_stream_defaults(training_args, script_args.keys_set)
     # `true` -> the newest complete checkpoint; a path is checked complete. Before anything loads, so it fails fast.
     training_args.resume_from_checkpoint = resolve_resume_checkpoint(
         training_args.resume_from_checkpoint, training_args.output_dir
@@ -75,8 +77,12 @@ def main(script_args, training_args, model_args, on_trainer: Callable | None = N
         # An unknown model id or an unreachable hub stops here in seconds, naming the model and the fix.
         check_model_available(model_args.model_name_or_path, model_args.model_revision)
     ensure_demo_inputs(script_args, model_args.model_name_or_path)
-    eval_split = script_args.eval_split if training_args.eval_strategy != "no" else None
-    (train_dataset, eval_dataset), bad_rows = load_splits(script_args, [script_args.dataset_train_split, eval_split])
+    eval_split = eval_split_name(script_args) if training_args.eval_strategy != "no" else None
+    # Rank 0 of each node converts the rows first (into the `datasets` cache); the others then read its cache.
+    with training_args.main_process_first(desc="loading the dataset"):
+        (train_dataset, eval_dataset), bad_rows = load_splits(
+            script_args, [script_args.dataset_train_split, eval_split], num_proc=training_args.dataset_num_proc
+        )
 
     ################
     # Model and processor
@@ -98,9 +104,10 @@ def main(script_args, training_args, model_args, on_trainer: Callable | None = N
         too_long=script_args.too_long,
         on_bad_row=script_args.on_bad_row,  # an image that fails to decode in training: stop, or skip and list it
     )
-    train_dataset, eval_dataset, dropped = prepare_lengths(
-        script_args, training_args, collator, train_dataset, eval_dataset
-    )
+    with training_args.main_process_first(desc="measuring sample lengths"):  # cached with the dataset, as above
+        train_dataset, eval_dataset, dropped = prepare_lengths(
+            script_args, training_args, collator, train_dataset, eval_dataset
+        )
     for split, names in dropped.items():
         if names:
             logger.warning("Dropped %d %s sample(s) over max_length=%s.", len(names), split, collator.max_length)
@@ -163,9 +170,7 @@ def main(script_args, training_args, model_args, on_trainer: Callable | None = N
     # Evaluate by generation on the held-out split
     ################
     if script_args.eval_after_train and trainer.accelerator.is_main_process:
-        (test_dataset,), _ = load_splits(
-            script_args, [script_args.generation_split], limits=[script_args.generation_max_samples]
-        )
+        test_dataset = generation_rows(script_args)
         generation = {
             "batch_size": training_args.per_device_eval_batch_size,
             "max_new_tokens": script_args.max_new_tokens,
@@ -200,6 +205,48 @@ def main(script_args, training_args, model_args, on_trainer: Callable | None = N
         else:
             print(format_metrics_table(metrics))
     tracking.finish()  # closes the W&B run, if any, with the evaluation in it
+
+
+def use_stream_defaults(training_args, keys_set: set[str]) -> None:
+    """Data-loading settings for a stream (`dataset_streaming: true`) where the recipe does not set them.
+
+    - `train_sampling_strategy: random`: a stream has no sampler (its order is the stream's);
+    - accelerate's `dispatch_batches: false`: each process reads its own shard of the stream (whole shards where the
+      stream has as many as there are processes, else its part of every batch), rather than rank 0 reading every
+      batch and sending each process its part.
+    """
+    if "train_sampling_strategy" not in keys_set:
+        training_args.train_sampling_strategy = "random"
+    config = training_args.accelerator_config
+    if isinstance(config, dict):
+        config.setdefault("dispatch_batches", False)
+    elif getattr(config, "dispatch_batches", None) is None:
+        config.dispatch_batches = False
+
+
+def generation_rows(script_args):
+    """The rows evaluated by generation after training: the `generation_split`, at most `generation_max_samples`.
+
+    A streamed split is read into a list here (generation takes rows by index); its bad rows are left out, counted.
+    """
+    limit = script_args.generation_max_samples
+    (rows,), _ = load_splits(script_args, [script_args.generation_split], limits=[limit])
+    if hasattr(rows, "__len__"):
+        return rows
+    read = list(rows)
+    good = [row for row in read if not row.get("image_error")]
+    if len(good) < len(read):
+        logger.warning(
+            "Evaluation by generation leaves out %d bad row(s) of the streamed %r split: %s",
+            len(read) - len(good),
+            script_args.generation_split,
+            "; ".join(
+                f"{row['image_error']['image']}: {row['image_error']['reason']}"
+                for row in read
+                if row.get("image_error")
+            )[:2000],
+        )
+    return good
 
 
 def verify_saved_model(output_dir, is_adapter):

@@ -159,3 +159,15 @@ class TestBitsandbytes:
         assert "support_avx512bf16_for_cpu" in inspect.getsource(bnb.nn.Linear4bit.forward)
         _compat.turn_off_4bit_cpu_repacking(layer)
         assert layer.support_avx512bf16_for_cpu is False
+
+
+class TestDatasets:
+    def test_dataset_fingerprint_follows_content_and_transforms(self):
+        import datasets
+
+        first = datasets.Dataset.from_dict({"a": [1, 2, 3]})
+        assert isinstance(_compat.dataset_fingerprint(first), str)
+        assert _compat.dataset_fingerprint(first.select([0, 1])) != _compat.dataset_fingerprint(first)
+        same = datasets.Dataset.from_dict({"a": [1, 2, 3]})
+        assert _compat.dataset_fingerprint(first.map(lambda row: row, new_fingerprint="fixed")) == "fixed"
+        assert _compat.dataset_fingerprint(same.select([0, 1])) == _compat.dataset_fingerprint(first.select([0, 1]))

@@ -150,7 +150,7 @@ def to_rgb(image):
 
 
 def load_rgb_image(source: Any, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
-    """Decode an image (a path, or a `datasets.Image` storage dict `{"path", "bytes"}`) to an RGB PIL image: pixel
+    """Decode an image (a path, its bytes, or a `datasets.Image` storage dict `{"path", "bytes"}`) to an RGB PIL image: pixel
     count checked against `max_pixels`, EXIF rotation applied (as `datasets` does), then `to_rgb`.
 
     Raises what PIL raises for a file it cannot decode (`OSError: image file is truncated`...).
@@ -158,7 +158,9 @@ def load_rgb_image(source: Any, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXEL
     from PIL import Image, ImageOps
 
     name, data = source, None
-    if isinstance(source, dict):
+    if isinstance(source, (bytes, bytearray)):
+        name, data = None, bytes(source)
+    elif isinstance(source, dict):
         name, data = source.get("path"), source.get("bytes")
     with without_pil_pixel_limit():
         image = Image.open(io.BytesIO(data) if data else name)

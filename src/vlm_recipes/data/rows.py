@@ -21,6 +21,8 @@ __all__ = [
     "BadRowReport",
     "build_dataset",
     "decode_utf8_lines",
+    "decode_images",
+    "decode_json_columns",
     "demo_split_sizes",
     "read_jsonl",
     "row_name",
@@ -137,7 +139,7 @@ def build_dataset(rows: list[dict[str, Any]], max_image_pixels: int | None = DEF
     dataset = dataset.cast_column("images", datasets.List(datasets.Image(decode=False)))
     # Messages and the task's extra fields are stored as JSON text (their shapes vary from row to row, which Arrow
     # would pad with nulls) and parsed back on access.
-    return dataset.with_transform(functools.partial(_decode_json_columns, max_image_pixels=max_image_pixels))
+    return dataset.with_transform(functools.partial(decode_json_columns, max_image_pixels=max_image_pixels))
 
 
 def _jsonable(value: Any) -> Any:
@@ -148,9 +150,15 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"Cannot store a {type(value).__name__} in a dataset row; use JSON types.")
 
 
-def _decode_images(images: list[Any] | None, max_image_pixels: int | None) -> tuple[list[Any], dict | None]:
+def decode_images(images: Any, max_image_pixels: int | None) -> tuple[list[Any], dict | None]:
+    """A row's images (paths, bytes or `datasets.Image` storage dicts; one, a list, or None) as RGB PIL images, and
+    the first decoding error (`{"image", "reason"}`), the failed image's place holding None."""
+    if images is None:
+        images = []
+    elif not isinstance(images, (list, tuple)):
+        images = [images]
     decoded, error = [], None
-    for image in images or []:
+    for image in images:
         try:
             decoded.append(load_rgb_image(image, max_image_pixels))
         # Why so broad: this runs in the DataLoader, mid-training, and PIL's decoders raise many types for a corrupt
@@ -159,16 +167,21 @@ def _decode_images(images: list[Any] | None, max_image_pixels: int | None) -> tu
         except Exception as exception:  # noqa: BLE001
             decoded.append(None)
             name = (image.get("path") or "(image bytes)") if isinstance(image, dict) else image
+            name = "(image bytes)" if isinstance(name, (bytes, bytearray)) else name
             error = error or {"image": str(name), "reason": f"cannot decode: {exception}"}
     return decoded, error
 
 
-def _decode_json_columns(batch: dict[str, list[Any]], max_image_pixels: int | None = None) -> dict[str, list[Any]]:
+def decode_json_columns(batch: dict[str, list[Any]], max_image_pixels: int | None = None) -> dict[str, list[Any]]:
+    """The transform of our datasets: images decoded (`decode_images`), `messages` and the task's `extra` fields
+    parsed from their JSON text."""
     if "images" in batch:  # `datasets.Image` storage dicts -> RGB PIL images, or None and an `image_error`
-        decoded = [_decode_images(images, max_image_pixels) for images in batch["images"]]
+        decoded = [decode_images(images, max_image_pixels) for images in batch["images"]]
         batch["images"] = [images for images, _ in decoded]
         batch["image_error"] = [error for _, error in decoded]
     batch["messages"] = [json.loads(messages) for messages in batch["messages"]]
+    if "extra" not in batch:  # rows of a `dataset_name` dataset carry no task fields
+        return batch
     extras = [json.loads(extra) for extra in batch.pop("extra")]
     for key in sorted({key for extra in extras for key in extra}):
         batch[key] = [extra.get(key) for extra in extras]

@@ -12,17 +12,52 @@ from .rows import BadRowReport, build_dataset
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["load_splits"]
+__all__ = ["eval_split_name", "load_splits"]
 
 
-def load_splits(script_args: VLMScriptArguments, splits: list[str | None], limits: list[int | None] | None = None):
-    """Load the task's splits as datasets (None where a split is not asked for), with the bad-row report.
+def eval_split_name(script_args: VLMScriptArguments) -> str | None:
+    """The split evaluated during training: `eval_split`, or for a `dataset_name` dataset where `eval_split` is not
+    set, `dataset_test_split` (TRL's key and default)."""
+    if getattr(script_args, "dataset_name", None) and "eval_split" not in script_args.keys_set:
+        return script_args.dataset_test_split
+    return script_args.eval_split
 
+
+def load_splits(
+    script_args: VLMScriptArguments,
+    splits: list[str | None],
+    limits: list[int | None] | None = None,
+    num_proc: int | None = None,
+    streaming: bool | None = None,
+):
+    """Load the recipe's splits as datasets (None where a split is not asked for), with the bad-row report.
+
+    The rows come from `dataset_name` through `datasets` (`vlm_recipes.data.hub`: map-style, or streamed with
+    `dataset_streaming`; `streaming` overrides it) or from the task's native files in `dataset_path`.
     `limits` caps each split's size; by default the first split is capped by `max_train_samples` and the second by
-    `max_eval_samples`.
+    `max_eval_samples`. `num_proc` processes convert a `dataset_name` dataset's rows (`dataset_num_proc`).
     """
+    report = BadRowReport(policy=script_args.on_bad_row, max_image_pixels=script_args.max_image_pixels)
+    if limits is None:
+        limits = [script_args.max_train_samples, script_args.max_eval_samples]
+    if getattr(script_args, "dataset_name", None):
+        from .hub import open_source
+
+        source = open_source(script_args, streaming=streaming)
+        loaded = [
+            None
+            if split is None
+            else source.load_split(split, report, limits[i] if i < len(limits) else None, num_proc=num_proc)
+            for i, split in enumerate(splits)
+        ]
+        if report.skipped:
+            logger.warning("%s", report.summary())
+        return loaded, report
     if script_args.dataset_path is None:
-        raise ValueError("Set `dataset_path` in the recipe: the local directory of the task's data.")
+        raise DataError(
+            "Set `dataset_name` (a hub dataset, a local dataset folder or data file) or `dataset_path` (the local "
+            "directory of the task's native data) in the recipe."
+        )
     data_dir = Path(script_args.dataset_path)
     if not data_dir.is_dir():
         raise FileNotFoundError(
@@ -31,9 +66,6 @@ def load_splits(script_args: VLMScriptArguments, splits: list[str | None], limit
         )
     image_base_dir = Path(script_args.image_base_dir) if script_args.image_base_dir else data_dir
     task = task_from_args(script_args)
-    report = BadRowReport(policy=script_args.on_bad_row, max_image_pixels=script_args.max_image_pixels)
-    if limits is None:
-        limits = [script_args.max_train_samples, script_args.max_eval_samples]
     datasets = []
     for position, split in enumerate(splits):
         if split is None:

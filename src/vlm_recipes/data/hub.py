@@ -1,0 +1,383 @@
+"""Datasets named by `dataset_name`, TRL's key: a hub id, a local folder in hub layout, a `save_to_disk` folder or one
+data file, loaded through `datasets` and turned into our rows without leaving Arrow.
+
+- Loading: `load_from_disk` for a `save_to_disk` folder (a `Dataset` is split `train`), `load_dataset(<builder>,
+  data_files=...)` for one parquet/json/jsonl/csv/arrow file (split `train`), and `load_dataset(dataset_name,
+  name=dataset_config, streaming=dataset_streaming)` otherwise, as TRL's `sft.py` does, for hub ids and local folders
+  alike.
+- Rows: the format is detected from the columns (`vlm_recipes.data.formats`) and each row converted by `datasets.map`
+  (over `dataset_num_proc` processes, cached with the dataset) into `id`, `messages` (JSON text) and, where images are
+  paths, their resolved paths; an `Image` or bytes column is kept as it is, beside them (not copied). Image headers
+  are read (size and mode, no pixels), so that an unreadable image is a bad row before training.
+- Bad rows follow `on_bad_row`, named by dataset, split, index and id.
+- Streaming (`dataset_streaming: true`): the same conversion, lazily per example; a bad row reaches the collator marked,
+  which stops or skips it under `on_bad_row` (counted with the other skips).
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from .._compat import dataset_fingerprint
+from .errors import BadRow, DataError
+from .formats import RowProblem, detect_format, image_column, to_messages
+from .images import read_image_header
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DATA_FILE_BUILDERS", "HubSource", "open_source"]
+
+# Data-file suffixes -> the `datasets` builder that reads them.
+DATA_FILE_BUILDERS = {
+    ".parquet": "parquet",
+    ".json": "json",
+    ".jsonl": "json",
+    ".csv": "csv",
+    ".arrow": "arrow",
+}
+# Rows per `datasets.map` batch of the conversion: rows with embedded images bring their bytes into Python.
+CONVERT_BATCH_SIZE = 64
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file())
+
+
+class HubSource:
+    """One `dataset_name`, opened: its splits, and where relative image paths of a split are looked for."""
+
+    def __init__(self, script_args, streaming: bool | None = None):
+        self.name = script_args.dataset_name
+        self.config = script_args.dataset_config
+        self.streaming = script_args.dataset_streaming if streaming is None else streaming
+        self.forced_format = script_args.dataset_format
+        self.max_image_pixels = script_args.max_image_pixels
+        self.image_base_dir = script_args.image_base_dir
+        self._splits = None
+        self._data_file_dirs: dict[str, list[str]] = {}
+        self._root_dirs: list[str] = []
+
+    # Opening ------------------------------------------------------------------------------------------------------
+    @property
+    def splits(self):
+        if self._splits is None:
+            self._splits = self._open()
+        return self._splits
+
+    def _open(self):
+        import datasets
+
+        path = Path(self.name)
+        try:
+            if _is_saved_dataset(path):
+                loaded = datasets.load_from_disk(str(path))
+                if isinstance(loaded, datasets.Dataset):
+                    loaded = datasets.DatasetDict({"train": loaded})
+                self._root_dirs = [str(path)]
+                if self.streaming:
+                    loaded = datasets.IterableDatasetDict({k: v.to_iterable_dataset() for k, v in loaded.items()})
+                return loaded
+            if path.is_file():
+                builder = DATA_FILE_BUILDERS.get("".join(path.suffixes[-1:]).lower())
+                if builder is None:
+                    raise DataError(
+                        f"dataset_name {self.name}: a data file must end in one of {sorted(DATA_FILE_BUILDERS)}."
+                    )
+                self._root_dirs = [str(path.resolve().parent)]
+                return datasets.load_dataset(builder, data_files={"train": str(path)}, streaming=self.streaming)
+            if path.is_dir():
+                self._root_dirs = [str(path.resolve())]
+                self._data_file_dirs = self._local_data_file_dirs(path)
+            else:
+                self._root_dirs = []
+            return datasets.load_dataset(self.name, name=self.config, streaming=self.streaming)
+        except DataError:
+            raise
+        except (FileNotFoundError, ValueError, ConnectionError, OSError) as error:
+            hint = "a local folder, data file or save_to_disk folder that exists, or a hub dataset id (with network access)"
+            raise DataError(f"Cannot load dataset_name {self.name!r}: {error}. Give {hint}.") from None
+
+    def _local_data_file_dirs(self, path: Path) -> dict[str, list[str]]:
+        """The folders holding each split's data files in a local hub-layout folder (where their image paths start)."""
+        import datasets
+
+        try:
+            files = datasets.load_dataset_builder(str(path), name=self.config).config.data_files or {}
+        except (ValueError, FileNotFoundError):
+            return {}
+        return {split: sorted({str(Path(str(f)).parent) for f in paths}) for split, paths in files.items()}
+
+    def split_names(self) -> list[str]:
+        return list(self.splits.keys())
+
+    def has_split(self, split: str) -> bool:
+        return split in self.splits
+
+    def image_dirs(self, split: str) -> list[str]:
+        """Where a relative image path of `split` is looked for: `image_base_dir`, else the split's data-file folder
+        and the dataset's folder."""
+        if self.image_base_dir:
+            return [str(Path(self.image_base_dir).resolve())]
+        return list(dict.fromkeys([*self._data_file_dirs.get(split, []), *self._root_dirs]))
+
+    def where(self, split: str) -> str:
+        return f"{self.name} [{split}]"
+
+    # Splits -> our rows -------------------------------------------------------------------------------------------
+    def load_split(self, split: str, report, limit: int | None = None, num_proc: int | None = None):
+        """Split `split` as our rows: a `datasets.Dataset` (bad rows handled by `report`) or, when streaming, an
+        `IterableDataset` whose bad rows carry an `image_error` for the collator."""
+        if not self.has_split(split):
+            raise DataError(
+                f"dataset_name {self.name!r} has no split {split!r}; its splits are {self.split_names()}. Set "
+                "`dataset_train_split` / `dataset_test_split` (or `eval_split`, `generation_split`) to one of them."
+            )
+        dataset = self.splits[split]
+        if self.streaming:
+            return self._stream_split(dataset, split, limit)
+        return self._map_split(dataset, split, report, limit, num_proc)
+
+    def _columns(self, dataset) -> list[str]:
+        columns = dataset.column_names
+        if columns is None:  # a stream whose features are not known before its first row
+            columns = list(next(iter(dataset.take(1)), {}).keys())
+        return list(columns)
+
+    @staticmethod
+    def _image_kind(dataset, column: str | None) -> str | None:
+        """How `column` holds images: `image` (the `Image` feature, one or a list), `bytes`, `path`, or None."""
+        import datasets
+
+        if column is None:
+            return None
+        feature = (dataset.features or {}).get(column)
+        inner = getattr(feature, "feature", feature)  # List(Image()) -> Image()
+        if isinstance(inner, datasets.Image):
+            return "image"
+        if isinstance(inner, datasets.Value) and inner.dtype in ("binary", "large_binary"):
+            return "bytes"
+        return "path"
+
+    def _map_split(self, dataset, split: str, report, limit: int | None, num_proc: int | None):
+        import datasets
+        import pyarrow.compute
+
+        from .rows import decode_json_columns
+
+        where = self.where(split)
+        columns = self._columns(dataset)
+        fmt = detect_format(columns, self.forced_format, where)
+        logger.info("%s: %d rows in the %s format", where, len(dataset), fmt)
+        column = image_column(columns)
+        kind = self._image_kind(dataset, column)
+        source = dataset
+        if limit is not None and limit < len(dataset):
+            dataset = dataset.select(range(limit))
+        features = {"id": datasets.Value("string"), "messages": datasets.Value("string")}
+        features["bad_row"] = datasets.Value("string")
+        if kind == "path":
+            features["images"] = datasets.List(datasets.Value("string"))
+        # Read as Arrow batches: an `Image` column comes as its stored `{"bytes", "path"}`, never decoded here.
+        converted = (
+            dataset.with_format("arrow")
+            .map(
+                _convert_batch,
+                batched=True,
+                batch_size=CONVERT_BATCH_SIZE,
+                with_indices=True,
+                remove_columns=dataset.column_names,
+                features=datasets.Features(features),
+                fn_kwargs={
+                    "fmt": fmt,
+                    "kind": kind,
+                    "split": split,
+                    "image_dirs": self.image_dirs(split),
+                    "max_image_pixels": self.max_image_pixels,
+                },
+                num_proc=num_proc if num_proc and num_proc > 1 and len(dataset) > CONVERT_BATCH_SIZE else None,
+                desc=f"Reading {where} ({fmt})",
+            )
+            .with_format(None)
+        )
+        if kind in ("image", "bytes"):
+            converted = datasets.concatenate_datasets(
+                [converted, _undecoded_images(source, column, len(dataset))], axis=1
+            )
+        reasons = converted.with_format("arrow").select_columns(["bad_row"])["bad_row"]
+        bad = pyarrow.compute.indices_nonzero(pyarrow.compute.is_valid(reasons)).to_pylist()
+        if bad:
+            ids = converted.with_format("arrow").select_columns(["id"])["id"]
+            for index in bad:
+                row_id = ids[index].as_py()
+                row_id = None if row_id == f"{split}-{index}" else row_id
+                report.handle(BadRow(where, index, reasons[index].as_py(), row_id=row_id))
+            bad_set = set(bad)
+            kept = [index for index in range(len(converted)) if index not in bad_set]
+            if not kept:
+                raise DataError(f"No usable rows in {where}: {report.summary()}")
+            converted = converted.select(kept)
+        converted = converted.remove_columns("bad_row")
+        return converted.with_transform(functools.partial(decode_json_columns, max_image_pixels=self.max_image_pixels))
+
+    def _stream_split(self, dataset, split: str, limit: int | None):
+        where = self.where(split)
+        columns = self._columns(dataset)
+        fmt = detect_format(columns, self.forced_format, where)
+        logger.info("%s: streamed, in the %s format", where, fmt)
+        column = image_column(columns)
+        kind = self._image_kind(dataset, column) if dataset.features else None
+        dataset = dataset.decode(False)  # images reach the conversion as stored; it decodes them itself
+        if limit is not None:
+            dataset = dataset.take(limit)
+        return dataset.map(
+            _stream_example,
+            with_indices=True,
+            remove_columns=columns,
+            fn_kwargs={
+                "fmt": fmt,
+                "kind": kind,
+                "where": where,
+                "split": split,
+                "image_dirs": self.image_dirs(split),
+                "max_image_pixels": self.max_image_pixels,
+            },
+        )
+
+
+def open_source(script_args, streaming: bool | None = None) -> HubSource:
+    return HubSource(script_args, streaming=streaming)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Row conversion (module-level functions: `datasets` hashes them for its cache and pickles them for `num_proc`)
+# --------------------------------------------------------------------------------------------------------------------
+def _resolve_path(value: str, image_dirs: list[str]) -> str:
+    path = Path(value)
+    if path.is_absolute():
+        return str(path)
+    for directory in image_dirs:
+        candidate = Path(directory) / path
+        if candidate.is_file():
+            return str(candidate)
+    if not image_dirs:
+        raise RowProblem(f"image {value} is a relative path; set `image_base_dir` to the folder it is relative to")
+    raise RowProblem(f"image file {value} not found in {' or '.join(image_dirs)}")
+
+
+def _checked_image(ref: Any, kind: str | None, image_dirs: list[str], max_image_pixels: int | None) -> Any:
+    """The image reference, its header read (size and mode, no pixels decoded): a path resolved to where the file is,
+    bytes or an `Image` feature's `{"bytes", "path"}` as stored."""
+    from PIL import Image, UnidentifiedImageError
+
+    from .images import RGB_CONVERTIBLE_MODES, _check_pixels, without_pil_pixel_limit
+
+    data, path = None, None
+    if isinstance(ref, (bytes, bytearray)):
+        data = bytes(ref)
+    elif isinstance(ref, dict):
+        data, path = ref.get("bytes"), ref.get("path")
+    elif isinstance(ref, str):
+        path = ref
+    else:
+        raise RowProblem(f"an image given as {type(ref).__name__}; give a path, bytes or an `Image` feature")
+    if not data:
+        resolved = _resolve_path(path, image_dirs)
+        if kind == "image" and resolved != path:
+            # An `Image` column is joined to our rows as stored, not rewritten: its paths must stand on their own.
+            raise RowProblem(
+                f"the `Image` feature holds the relative path {path} without bytes; store absolute paths or the "
+                "image bytes (`datasets` embeds them in parquet and on the hub)"
+            )
+        try:
+            read_image_header(resolved, max_image_pixels)
+        except DataError as error:
+            raise RowProblem(str(error)) from None
+        return resolved if isinstance(ref, str) else {"bytes": None, "path": resolved}
+    name = path or "(image bytes)"
+    try:
+        with without_pil_pixel_limit(), Image.open(io.BytesIO(data)) as opened:
+            size, mode = opened.size, opened.mode
+    except UnidentifiedImageError:
+        raise RowProblem(f"image {name} is not an image that PIL can read") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        raise RowProblem(f"cannot read the header of image {name}: {error}") from None
+    if mode not in RGB_CONVERTIBLE_MODES:
+        raise RowProblem(f"image {name} has mode {mode!r}, which cannot be converted to RGB")
+    try:
+        _check_pixels(size, name, max_image_pixels)
+    except DataError as error:
+        raise RowProblem(str(error)) from None
+    return ref
+
+
+def _convert_row(row: dict[str, Any], index: int, split: str, fmt: str, kind, image_dirs, max_image_pixels):
+    """`(id, messages, image refs, problem)` of one row; `problem` is None for a good row."""
+    row_id = row.get("id")
+    row_id = f"{split}-{index}" if row_id is None else str(row_id)
+    try:
+        messages, refs = to_messages(row, fmt)
+        refs = [_checked_image(ref, kind, image_dirs, max_image_pixels) for ref in refs]
+    except RowProblem as problem:
+        return row_id, None, [], str(problem)
+    return row_id, messages, refs, None
+
+
+def _undecoded_images(source, column: str, rows: int):
+    """The image column of `source` as a dataset named `images` whose `Image` feature does not decode (our transform
+    decodes), sharing `source`'s Arrow data, not copying it (a `cast` would rewrite every image); its first `rows`."""
+    import datasets
+
+    feature = source.features[column]
+    if isinstance(feature, datasets.Image):
+        feature = datasets.Image(decode=False)
+    elif isinstance(getattr(feature, "feature", None), datasets.Image):
+        feature = datasets.List(datasets.Image(decode=False))
+    images = source.select_columns([column])
+    if len(images.data) != len(images):  # a selection of rows: its table holds other rows too
+        images = images.flatten_indices()
+    undecoded = datasets.Dataset(
+        images.data,
+        info=datasets.DatasetInfo(features=datasets.Features({column: feature})),
+        fingerprint=datasets.fingerprint.Hasher.hash(["undecoded", dataset_fingerprint(images)]),
+    )
+    if column != "images":
+        undecoded = undecoded.rename_column(column, "images")
+    return undecoded if rows == len(undecoded) else undecoded.select(range(rows))
+
+
+def _convert_batch(batch, indices: list[int], fmt, kind, split, image_dirs, max_image_pixels):
+    """Rows of one Arrow batch -> `id`, `messages` (JSON), `bad_row` (the reason, None when good) and, where images are
+    paths, the resolved paths."""
+    batch = {name: batch.column(name).to_pylist() for name in batch.column_names}
+    size = len(indices)
+    out: dict[str, list] = {"id": [], "messages": [], "bad_row": []}
+    if kind == "path":
+        out["images"] = []
+    for position in range(size):
+        row = {key: values[position] for key, values in batch.items()}
+        row_id, messages, refs, problem = _convert_row(
+            row, indices[position], split, fmt, kind, image_dirs, max_image_pixels
+        )
+        out["id"].append(row_id)
+        out["messages"].append(json.dumps(messages) if messages is not None else "[]")
+        out["bad_row"].append(problem)
+        if kind == "path":
+            out["images"].append(refs)
+    return out
+
+
+def _stream_example(row: dict[str, Any], index: int, fmt, kind, where, split, image_dirs, max_image_pixels):
+    from .rows import decode_images
+
+    row_id, messages, refs, problem = _convert_row(row, index, split, fmt, kind, image_dirs, max_image_pixels)
+    if problem is not None:
+        # Marked for the collator, which stops on it or skips it under `on_bad_row` (counted and listed).
+        name = f"{where}, row {index}" + (f" (id {row_id})" if row_id != f"{split}-{index}" else "")
+        return {"id": row_id, "messages": [], "images": [], "image_error": {"image": name, "reason": problem}}
+    images, error = decode_images(refs, max_image_pixels)
+    return {"id": row_id, "messages": messages, "images": images, "image_error": error}
