@@ -78,6 +78,8 @@ def _sample_name(example: dict[str, Any]) -> str:
 
 def _image_error_message(example: dict[str, Any], name: str) -> str:
     error = example["image_error"]
+    if isinstance(error, dict) and error.get("image") is None:  # a malformed row of a stream, named in `reason`
+        return str(error.get("reason"))
     if isinstance(error, dict):
         return f"{name}: image {error.get('image')}: {error.get('reason')}"
     return f"{name}: {error}"
@@ -740,12 +742,19 @@ class VisionChatCollator:
         return sum("substituted_by" in entry for entry in self._skip_entries())
 
     def skipped_summary(self) -> str:
-        """The count of skipped samples, the first `LISTED_BAD_ROWS` by id, image and reason, and substitutions."""
-        samples = self.skipped_samples
+        """The count of skipped samples, the first `LISTED_BAD_ROWS` by id, image and reason, and substitutions; the
+        malformed rows of a stream (`dataset_streaming`), which reach the collator marked, on a line of their own."""
+        samples = [s for s in self.skipped_samples if s["image"] is not None]
         lines = [f"samples skipped for an image that cannot be decoded: {len(samples)}"]
         lines += [f"  - id {s['id']!r}: image {s['image']}: {s['reason']}" for s in samples[:LISTED_BAD_ROWS]]
         if len(samples) > LISTED_BAD_ROWS:
             lines.append(f"  ... and {len(samples) - LISTED_BAD_ROWS} more")
+        rows = [s for s in self.skipped_samples if s["image"] is None]
+        if rows:
+            lines.append(f"malformed streamed rows skipped: {len(rows)}")
+            lines += [f"  - {s['reason']}" for s in rows[:LISTED_BAD_ROWS]]
+            if len(rows) > LISTED_BAD_ROWS:
+                lines.append(f"  ... and {len(rows) - LISTED_BAD_ROWS} more")
         if self.num_substituted:
             lines.append(f"  batches of bad samples only, where the last good sample stood in: {self.num_substituted}")
         return "\n".join(lines)

@@ -188,11 +188,6 @@ class VLMScriptArguments(ScriptArguments):
             raise RecipeError(
                 f"`dataset_format` must be auto or one of {list(DATASET_FORMATS)}, got {self.dataset_format!r}."
             )
-        if self.dataset_name and self.dataset_path:
-            raise RecipeError(
-                "Set one of `dataset_name` (a dataset read through `datasets`) and `dataset_path` (a task's native "
-                "files), not both."
-            )
 
 
 @dataclass
@@ -633,13 +628,30 @@ def parse_recipe(args: list[str] | None = None) -> tuple[VLMScriptArguments, SFT
     script_args.task_options = dataclasses.asdict(by_class[own_class]) if own_class is not None else {}
     # The keys the user set (recipe file and command line), so that scripts can pick defaults for the others.
     script_args.keys_set = keys_set
+    choose_data_source(script_args, recipe, set(parser.command_line))
     check_streaming(script_args, training_args, keys_set)
     return script_args, training_args, model_args
 
 
+def choose_data_source(script_args, recipe: dict[str, Any], command_line: set[str]) -> None:
+    """One of `dataset_name` and `dataset_path`. Where the recipe file sets one and the command line the other, the
+    command line wins (`scripts/sft.py recipes/demo/messages.yaml --dataset_name my/data` trains on `my/data`)."""
+    if not (script_args.dataset_name and script_args.dataset_path):
+        return
+    for given, other in (("dataset_name", "dataset_path"), ("dataset_path", "dataset_name")):
+        if given in command_line and other not in command_line and other in recipe:
+            setattr(script_args, other, None)
+            script_args.keys_set.discard(other)
+            return
+    raise RecipeError(
+        "Set one of `dataset_name` (a dataset read through `datasets`) and `dataset_path` (a task's native files), "
+        "not both."
+    )
+
+
 def check_streaming(script_args, training_args, keys_set: set[str]) -> None:
     """`dataset_streaming: true` trains from a stream without a length: it needs `dataset_name`, a step count, and
-    no length grouping (which needs every sample's length up front)."""
+    no length grouping (which needs every sample's length up front); the stream's order is kept."""
     if not script_args.dataset_streaming:
         return
     if not script_args.dataset_name:
@@ -647,7 +659,7 @@ def check_streaming(script_args, training_args, keys_set: set[str]) -> None:
     if training_args.max_steps is None or training_args.max_steps <= 0:
         raise RecipeError("`dataset_streaming: true` has no dataset length to count epochs by: set `max_steps` (> 0).")
     strategy = getattr(training_args.train_sampling_strategy, "value", training_args.train_sampling_strategy)
-    if "train_sampling_strategy" in keys_set and strategy != "random":
+    if "train_sampling_strategy" in keys_set and strategy not in ("random", "sequential"):
         raise RecipeError(
             f"`train_sampling_strategy: {strategy}` needs every sample's length up front, which a stream "
             "(`dataset_streaming: true`) does not have; set `train_sampling_strategy: random`."

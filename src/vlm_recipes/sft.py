@@ -60,9 +60,10 @@ def main(script_args, training_args, model_args, on_trainer: Callable | None = N
     # Our collator needs the raw `images` and `messages` columns; it does its own (untruncated) tokenization.
     training_args.remove_unused_columns = False
     training_args.dataset_kwargs = {**(training_args.dataset_kwargs or {}), "skip_prepare_dataset": True}
-    apply_data_loading_defaults(training_args, script_args.keys_set)
+    keys_set = set(script_args.keys_set)
     if script_args.dataset_streaming:
-        use_stream_defaults(training_args, script_args.keys_set)
+        keys_set |= use_stream_defaults(training_args, keys_set)
+    apply_data_loading_defaults(training_args, keys_set)
     # `true` -> the newest complete checkpoint; a path is checked complete. Before anything loads, so it fails fast.
     training_args.resume_from_checkpoint = resolve_resume_checkpoint(
         training_args.resume_from_checkpoint, training_args.output_dir
@@ -207,8 +208,9 @@ def main(script_args, training_args, model_args, on_trainer: Callable | None = N
     tracking.finish()  # closes the W&B run, if any, with the evaluation in it
 
 
-def use_stream_defaults(training_args, keys_set: set[str]) -> None:
-    """Data-loading settings for a stream (`dataset_streaming: true`) where the recipe does not set them.
+def use_stream_defaults(training_args, keys_set: set[str]) -> set[str]:
+    """Data-loading settings for a stream (`dataset_streaming: true`) where the recipe does not set them; returns the
+    keys it has decided.
 
     - `train_sampling_strategy: random`: a stream has no sampler (its order is the stream's);
     - accelerate's `dispatch_batches: false`: each process reads its own shard of the stream (whole shards where the
@@ -222,6 +224,7 @@ def use_stream_defaults(training_args, keys_set: set[str]) -> None:
         config.setdefault("dispatch_batches", False)
     elif getattr(config, "dispatch_batches", None) is None:
         config.dispatch_batches = False
+    return {"train_sampling_strategy"}  # set here: the general data-loading defaults leave it
 
 
 def generation_rows(script_args):

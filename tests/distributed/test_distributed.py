@@ -650,6 +650,33 @@ class TestMultiProcessRuns:
         assert report["tokens_seen"] == report["trainer"]["num_tokens"]  # SFTTrainer's count over both processes
         assert report["padded_tokens"] > report["tokens_seen"] and report["supervised_tokens"] > 0
 
+    def test_ddp_streaming_gives_each_process_its_rows(self, tiny_run_inputs, tmp_path):
+        """A streamed `dataset_name` file under DDP: each process trains on its own rows (rank 0 rows 0 and 2, rank 1
+        rows 1 and 3), not every process on the first rows of the stream. Row 3 has no assistant turn: only the process
+        that reads it skips it, and only if the stream is shared out."""
+        model_dir, data_dir = tiny_run_inputs
+        rows = [json.loads(line) for line in (data_dir / "train.jsonl").read_text().splitlines()]
+        rows[3]["messages"] = rows[3]["messages"][:1]
+        (data_dir / "stream.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        output_dir = tmp_path / "ddp-stream"
+        args = tiny_recipe_args(model_dir, data_dir, output_dir)
+        args[args.index("--dataset_path") : args.index("--dataset_path") + 2] = [
+            "--dataset_name",
+            str(data_dir / "stream.jsonl"),
+            "--dataset_streaming",
+            "true",
+            "--on_bad_row",
+            "skip",
+        ]
+        returncode, output = accelerate_launch("multi_gpu.yaml", *args, "--ddp_find_unused_parameters", "false")
+        assert_finished(returncode, output, "DDP (CPU, gloo)")
+        assert "Measuring" not in output
+        assert "malformed streamed rows skipped: 1\n" in output and "[train], row 3 (id image-3)" in output, output[
+            -3000:
+        ]
+        report = json.loads((output_dir / "compute_report.json").read_text())
+        assert report["num_processes"] == 2 and report["samples_seen"] == 4 and report["global_step"] == 2
+
     def test_ddp_qlora(self, tiny_run_inputs, tmp_path):
         """QLoRA under plain DDP: each process holds its own 4-bit copy; the saved adapter is complete."""
         model_dir, data_dir = tiny_run_inputs

@@ -48,6 +48,39 @@ def _is_saved_dataset(path: Path) -> bool:
     return path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file())
 
 
+def _local_data_files(path: Path) -> tuple[str | None, dict[str, list[str]]]:
+    """The builder and the data files by split of a local folder in hub layout, images and other files left out.
+
+    Why not `load_dataset(folder)` alone: it picks the builder of the most common file type, so a folder of JSONL
+    files and the images they name is read as an image folder. A folder whose README.md declares its `configs` (a
+    dataset card) is left to `load_dataset` (builder None), which reads them.
+    """
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    readme = path / "README.md"
+    if readme.is_file() and "\nconfigs:" in readme.read_text(encoding="utf-8", errors="replace"):
+        return None, {}
+    try:
+        found = DataFilesDict.from_patterns(get_data_patterns(str(path)), base_path=str(path))
+    except FileNotFoundError:  # no file named for a split: every data file is `train`
+        found = {"train": [str(f) for f in sorted(path.rglob("*")) if f.is_file()]}
+    files: dict[str, list[str]] = {}
+    builders = set()
+    for split, paths in found.items():
+        kept = [str(f) for f in paths if Path(str(f)).suffix.lower() in DATA_FILE_BUILDERS]
+        if kept:
+            files[str(split)] = kept
+            builders |= {DATA_FILE_BUILDERS[Path(f).suffix.lower()] for f in kept}
+    if not files:
+        raise DataError(f"dataset_name {path}: no data files ({', '.join(sorted(DATA_FILE_BUILDERS))}) in the folder.")
+    if len(builders) > 1:
+        raise DataError(
+            f"dataset_name {path}: data files of several kinds ({', '.join(sorted(builders))}); keep one kind per "
+            "dataset folder, or name one file as `dataset_name`."
+        )
+    return builders.pop(), files
+
+
 class HubSource:
     """One `dataset_name`, opened: its splits, and where relative image paths of a split are looked for."""
 
@@ -92,25 +125,18 @@ class HubSource:
                 return datasets.load_dataset(builder, data_files={"train": str(path)}, streaming=self.streaming)
             if path.is_dir():
                 self._root_dirs = [str(path.resolve())]
-                self._data_file_dirs = self._local_data_file_dirs(path)
-            else:
-                self._root_dirs = []
+                builder, files = _local_data_files(path)
+                if builder is not None:
+                    self._data_file_dirs = {
+                        str(split): sorted({str(Path(f).parent) for f in paths}) for split, paths in files.items()
+                    }
+                    return datasets.load_dataset(builder, data_files=files, streaming=self.streaming)
             return datasets.load_dataset(self.name, name=self.config, streaming=self.streaming)
         except DataError:
             raise
         except (FileNotFoundError, ValueError, ConnectionError, OSError) as error:
             hint = "a local folder, data file or save_to_disk folder that exists, or a hub dataset id (with network access)"
             raise DataError(f"Cannot load dataset_name {self.name!r}: {error}. Give {hint}.") from None
-
-    def _local_data_file_dirs(self, path: Path) -> dict[str, list[str]]:
-        """The folders holding each split's data files in a local hub-layout folder (where their image paths start)."""
-        import datasets
-
-        try:
-            files = datasets.load_dataset_builder(str(path), name=self.config).config.data_files or {}
-        except (ValueError, FileNotFoundError):
-            return {}
-        return {split: sorted({str(Path(str(f)).parent) for f in paths}) for split, paths in files.items()}
 
     def split_names(self) -> list[str]:
         return list(self.splits.keys())
@@ -196,6 +222,7 @@ class HubSource:
                     "fmt": fmt,
                     "kind": kind,
                     "split": split,
+                    "features": _without_image_decoding(dataset.features, column),
                     "image_dirs": self.image_dirs(split),
                     "max_image_pixels": self.max_image_pixels,
                 },
@@ -231,7 +258,8 @@ class HubSource:
         logger.info("%s: streamed, in the %s format", where, fmt)
         column = image_column(columns)
         kind = self._image_kind(dataset, column) if dataset.features else None
-        dataset = dataset.decode(False)  # images reach the conversion as stored; it decodes them itself
+        if kind == "image":  # images reach the conversion as stored; it decodes them itself
+            dataset = dataset.cast_column(column, _undecoded_image_feature(dataset.features[column]))
         if limit is not None:
             dataset = dataset.take(limit)
         return dataset.map(
@@ -327,16 +355,32 @@ def _convert_row(row: dict[str, Any], index: int, split: str, fmt: str, kind, im
     return row_id, messages, refs, None
 
 
+def _undecoded_image_feature(feature):
+    import datasets
+
+    if isinstance(feature, datasets.Image):
+        return datasets.Image(decode=False)
+    if isinstance(getattr(feature, "feature", None), datasets.Image):
+        return datasets.List(datasets.Image(decode=False))
+    return feature
+
+
+def _without_image_decoding(features, column: str | None):
+    """`features` with the image column's `Image` feature left undecoded (the rest, `Json` columns..., decode)."""
+    import datasets
+
+    features = datasets.Features(dict(features))
+    if column is not None and column in features:
+        features[column] = _undecoded_image_feature(features[column])
+    return features
+
+
 def _undecoded_images(source, column: str, rows: int):
     """The image column of `source` as a dataset named `images` whose `Image` feature does not decode (our transform
     decodes), sharing `source`'s Arrow data, not copying it (a `cast` would rewrite every image); its first `rows`."""
     import datasets
 
-    feature = source.features[column]
-    if isinstance(feature, datasets.Image):
-        feature = datasets.Image(decode=False)
-    elif isinstance(getattr(feature, "feature", None), datasets.Image):
-        feature = datasets.List(datasets.Image(decode=False))
+    feature = _undecoded_image_feature(source.features[column])
     images = source.select_columns([column])
     if len(images.data) != len(images):  # a selection of rows: its table holds other rows too
         images = images.flatten_indices()
@@ -350,10 +394,10 @@ def _undecoded_images(source, column: str, rows: int):
     return undecoded if rows == len(undecoded) else undecoded.select(range(rows))
 
 
-def _convert_batch(batch, indices: list[int], fmt, kind, split, image_dirs, max_image_pixels):
+def _convert_batch(batch, indices: list[int], fmt, kind, split, features, image_dirs, max_image_pixels):
     """Rows of one Arrow batch -> `id`, `messages` (JSON), `bad_row` (the reason, None when good) and, where images are
-    paths, the resolved paths."""
-    batch = {name: batch.column(name).to_pylist() for name in batch.column_names}
+    paths, the resolved paths. `features` decode the batch (`Json` content of mixed types...), images excepted."""
+    batch = features.decode_batch(batch.to_pydict())
     size = len(indices)
     out: dict[str, list] = {"id": [], "messages": [], "bad_row": []}
     if kind == "path":
@@ -378,6 +422,7 @@ def _stream_example(row: dict[str, Any], index: int, fmt, kind, where, split, im
     if problem is not None:
         # Marked for the collator, which stops on it or skips it under `on_bad_row` (counted and listed).
         name = f"{where}, row {index}" + (f" (id {row_id})" if row_id != f"{split}-{index}" else "")
-        return {"id": row_id, "messages": [], "images": [], "image_error": {"image": name, "reason": problem}}
+        reason = f"{name}: {problem}"
+        return {"id": row_id, "messages": [], "images": [], "image_error": {"image": None, "reason": reason}}
     images, error = decode_images(refs, max_image_pixels)
     return {"id": row_id, "messages": messages, "images": images, "image_error": error}
