@@ -239,6 +239,28 @@ class TestFormatsGiveTheNativeEncoding:
         assert_same_encoding(VisionChatCollator(processor), dataset[0], reference)
 
 
+def test_csv_holds_conversations_as_json_text(native, processor, tmp_path):
+    import csv
+
+    with open(tmp_path / "rows.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "image", "conversations"])
+        for row in NATIVE:
+            turns = [
+                {"from": {"system": "system", "user": "human", "assistant": "gpt"}[m["role"]], "value": m["content"]}
+                for m in row["messages"]
+            ]
+            for turn in turns:
+                if isinstance(turn["value"], list):
+                    turn["value"] = "\n".join("<image>" if i["type"] == "image" else i["text"] for i in turn["value"])
+            writer.writerow([row["id"], json.dumps([str(native / p) for p in row["images"]]), json.dumps(turns)])
+    (dataset,), _ = load_splits(script_args(dataset_name=str(tmp_path / "rows.csv")), ["train"])
+    reference = native_rows(native)
+    collator = VisionChatCollator(processor)
+    for row in dataset:
+        assert_same_encoding(collator, row, reference[row["id"]])
+
+
 class TestDetection:
     def test_columns_decide(self):
         assert detect_format(["messages", "images"]) == "messages"

@@ -13,7 +13,8 @@ Known formats (`dataset_format` forces one; `auto` detects it from the columns, 
 - `sharegpt`: ShareGPT JSONL, `conversations` as LLaVA's (or of `{"role", "content"}`), an optional `system` column,
   `images`, `<image>` markers.
 
-Where a conversation has no image placeholder at all and the row has images, they go before the text of the first
+A CSV file holds no nested data: there, a conversation or a list of images is JSON text in its cell, and a single
+image is a path. Where a conversation has no image placeholder at all and the row has images, they go before the text of the first
 user turn, as TRL's `prepare_multimodal_messages` places them.
 
 `to_messages(row, fmt)` returns `(messages, image_refs)` or raises `RowProblem` with the reason; the caller names the
@@ -22,6 +23,7 @@ split and the row.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -91,10 +93,22 @@ def detect_format(columns: list[str], forced: str = "auto", where: str = "the da
 # --------------------------------------------------------------------------------------------------------------------
 # Rows -> messages
 # --------------------------------------------------------------------------------------------------------------------
+def _from_json_text(value: Any, what: str) -> Any:
+    """A list stored as JSON text (a CSV file holds no nested data) as the list; anything else unchanged."""
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as error:
+            raise RowProblem(
+                f"`{what}` looks like JSON but does not parse ({error.msg} at column {error.colno})"
+            ) from None
+    return value
+
+
 def _image_refs(row: dict[str, Any]) -> list[Any]:
     column = image_column(row.keys())
-    value = row.get(column) if column else None
-    if value is None:
+    value = _from_json_text(row.get(column), column) if column else None
+    if value is None or value == "":
         return []
     refs = list(value) if isinstance(value, (list, tuple)) else [value]
     for position, ref in enumerate(refs):
@@ -157,7 +171,7 @@ def _split_markers(text: str) -> list[dict[str, Any]] | str:
 
 
 def _sharegpt_conversation(row: dict[str, Any]) -> list[dict[str, Any]]:
-    turns = row.get("conversations")
+    turns = _from_json_text(row.get("conversations"), "conversations")
     if not isinstance(turns, (list, tuple)) or not turns:
         raise RowProblem("`conversations` must be a non-empty list of turns")
     messages = []
@@ -222,9 +236,10 @@ def to_messages(row: dict[str, Any], fmt: str) -> tuple[list[dict[str, Any]], li
     prompt carries `weight: 0`), and the row's images as stored (path, bytes or `{"bytes", "path"}`)."""
     images = _image_refs(row)
     if fmt == "messages":
-        messages = _conversation(row.get("messages"), "messages")
+        messages = _conversation(_from_json_text(row.get("messages"), "messages"), "messages")
     elif fmt == "prompt_completion":
-        prompt, completion = row.get("prompt"), row.get("completion")
+        prompt = _from_json_text(row.get("prompt"), "prompt")
+        completion = _from_json_text(row.get("completion"), "completion")
         if isinstance(prompt, str) and isinstance(completion, str):
             messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
         elif isinstance(prompt, str) or isinstance(completion, str):
