@@ -194,8 +194,9 @@ def sample_lengths(
     own error, naming the row.
 
     A `datasets.Dataset` is measured by `datasets.map` (over `num_proc` processes), its result cached with the dataset
-    under a fingerprint of the dataset and the processor (`processor_fingerprint`): a second run on the same data and
-    processor reads the lengths back at once. Anything else (a list of examples) is measured in this process.
+    (an in-memory one's in the `datasets` cache folder) under a fingerprint of the dataset and the processor
+    (`processor_fingerprint`): a second run on the same data and processor reads the lengths back at once. Anything
+    else (a list of examples) is measured in this process.
     """
     import datasets
 
@@ -206,6 +207,16 @@ def sample_lengths(
         return _lengths_of_examples(examples, collator), [row_name(example, i) for i, example in enumerate(examples)]
     transform = dataset.format["format_kwargs"].get("transform") if dataset.format["type"] == "custom" else None
     plain = dataset.with_format(None)
+    fingerprint = datasets.fingerprint.Hasher.hash(
+        [dataset_fingerprint(dataset), processor_fingerprint(collator), LENGTHS_CACHE_VERSION]
+    )
+    cache_file_name = None
+    if not plain.cache_files:
+        # An in-memory dataset (a native task's rows) has no folder of its own for `datasets` to cache in: its lengths
+        # go to the `datasets` cache, under the fingerprint (which `datasets` derives from an in-memory table's content).
+        cache_dir = Path(datasets.config.HF_DATASETS_CACHE) / "vlm_recipes" / "sample_lengths"
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        cache_file_name = str(cache_dir / f"{fingerprint}.arrow")
     measured = plain.map(
         _length_batch,
         batched=True,
@@ -214,9 +225,8 @@ def sample_lengths(
         remove_columns=plain.column_names,
         features=datasets.Features({"length": datasets.Value("int64")}),
         fn_kwargs={"collator": collator, "transform": transform},
-        new_fingerprint=datasets.fingerprint.Hasher.hash(
-            [dataset_fingerprint(dataset), processor_fingerprint(collator), "sample_lengths/1"]
-        ),
+        new_fingerprint=fingerprint,
+        cache_file_name=cache_file_name,
         num_proc=num_proc if num_proc and num_proc > 1 and len(plain) > LENGTH_BATCH_SIZE else None,
         desc=description,
     )
@@ -226,6 +236,9 @@ def sample_lengths(
     return lengths, names
 
 
+# Part of the cached lengths' fingerprint: change it when the way lengths are counted changes, so that no run reads
+# lengths counted the old way.
+LENGTHS_CACHE_VERSION = "sample_lengths/1"
 # Rows per `datasets.map` batch of the length pass, and per tokenizer call.
 LENGTH_BATCH_SIZE = 256
 # Image-token counters by collator, one per process (a `datasets.map` worker builds its own).

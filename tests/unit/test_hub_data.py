@@ -420,6 +420,22 @@ class TestCachedPasses:
         (again,), _ = load_splits(script_args(dataset_name=str(folder)), ["train"])
         assert sample_lengths(again, collator)[0] == lengths
 
+    def test_native_task_lengths_are_cached_too(self, native, processor, monkeypatch):
+        collator = VisionChatCollator(processor)
+        (dataset,), _ = load_splits(script_args(task="messages", dataset_path=str(native)), ["train"])
+        lengths, _ = sample_lengths(dataset, collator)
+        assert lengths == [int(collator([row])["attention_mask"].sum()) for row in dataset]
+
+        def measured_again(*args, **kwargs):
+            raise AssertionError("lengths measured again instead of read from the cache")
+
+        monkeypatch.setattr(lengths_module, "_lengths_of_examples", measured_again)
+        (again,), _ = load_splits(script_args(task="messages", dataset_path=str(native)), ["train"])
+        assert sample_lengths(again, collator)[0] == lengths
+        # Another processor setting is another cache entry: measured again.
+        with pytest.raises(AssertionError, match="measured again"):
+            sample_lengths(again, VisionChatCollator(processor, add_eos_if_missing=False))
+
     def test_lengths_over_processes_equal_one_process(self, native, processor, tmp_path):
         collator = VisionChatCollator(processor)
         rows = [dict(NATIVE[i % 3], id=f"r{i}") for i in range(300)]
