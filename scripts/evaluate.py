@@ -18,7 +18,7 @@ import argparse
 import sys
 
 from vlm_recipes.configs import RecipeError, parse_recipe
-from vlm_recipes.data.splits import load_splits
+from vlm_recipes.data.splits import load_generation_rows
 from vlm_recipes.evaluation import evaluate_baseline, evaluate_task, format_metrics_table
 from vlm_recipes.generation import adapter_base, base_precision, load_for_generation
 from vlm_recipes.tasks import task_from_args
@@ -46,7 +46,7 @@ def main():
 
     script_args, training_args, model_args = parse_recipe([args.recipe])
     split = args.split or script_args.generation_split
-    (dataset,), _ = load_splits(script_args, [split], limits=[args.max_samples])
+    dataset = load_generation_rows(script_args, split, args.max_samples)
     task = task_from_args(script_args)
     generation = {
         "batch_size": args.batch_size,

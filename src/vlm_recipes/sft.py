@@ -15,7 +15,7 @@ import transformers
 from .collator import VisionChatCollator
 from .configs import resolved_recipe
 from .data.errors import DataError
-from .data.splits import eval_split_name, load_splits
+from .data.splits import eval_split_name, load_generation_rows, load_splits
 from .demo_inputs import ensure_demo_inputs
 from .distributed import (
     check_launch,
@@ -171,7 +171,9 @@ def main(script_args, training_args, model_args, on_trainer: Callable | None = N
     # Evaluate by generation on the held-out split
     ################
     if script_args.eval_after_train and trainer.accelerator.is_main_process:
-        test_dataset = generation_rows(script_args)
+        test_dataset = load_generation_rows(
+            script_args, script_args.generation_split, script_args.generation_max_samples
+        )
         generation = {
             "batch_size": training_args.per_device_eval_batch_size,
             "max_new_tokens": script_args.max_new_tokens,
@@ -217,39 +219,21 @@ def use_stream_defaults(training_args, keys_set: set[str]) -> set[str]:
       stream has as many as there are processes, else its part of every batch), rather than rank 0 reading every
       batch and sending each process its part.
     """
+    changed = []
     if "train_sampling_strategy" not in keys_set:
         training_args.train_sampling_strategy = "random"
+        changed.append("train_sampling_strategy=random")
     config = training_args.accelerator_config
     if isinstance(config, dict):
-        config.setdefault("dispatch_batches", False)
+        if "dispatch_batches" not in config:
+            config["dispatch_batches"] = False
+            changed.append("dispatch_batches=False")
     elif getattr(config, "dispatch_batches", None) is None:
         config.dispatch_batches = False
+        changed.append("dispatch_batches=False")
+    if changed:
+        logger.info("Streaming defaults: %s", ", ".join(changed))
     return {"train_sampling_strategy"}  # set here: the general data-loading defaults leave it
-
-
-def generation_rows(script_args):
-    """The rows evaluated by generation after training: the `generation_split`, at most `generation_max_samples`.
-
-    A streamed split is read into a list here (generation takes rows by index); its bad rows are left out, counted.
-    """
-    limit = script_args.generation_max_samples
-    (rows,), _ = load_splits(script_args, [script_args.generation_split], limits=[limit])
-    if hasattr(rows, "__len__"):
-        return rows
-    read = list(rows)
-    good = [row for row in read if not row.get("image_error")]
-    if len(good) < len(read):
-        logger.warning(
-            "Evaluation by generation leaves out %d bad row(s) of the streamed %r split: %s",
-            len(read) - len(good),
-            script_args.generation_split,
-            "; ".join(
-                f"{row['image_error']['image']}: {row['image_error']['reason']}"
-                for row in read
-                if row.get("image_error")
-            )[:2000],
-        )
-    return good
 
 
 def verify_saved_model(output_dir, is_adapter):

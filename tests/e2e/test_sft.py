@@ -302,7 +302,7 @@ def test_streamed_dataset_trains_and_evaluates(tmp_path, tiny_model_dirs):
     assert result.returncode == 0, result.stderr[-4000:]
     assert "(steps: 3)" in result.stdout
     assert "Measuring" not in result.stderr  # no length pass over a stream
-    assert "train_sampling_strategy=random" in result.stderr
+    assert "Streaming defaults: train_sampling_strategy=random, dispatch_batches=False" in result.stderr
     assert "data [train], row 1 (id train-01): no assistant turn to learn from" in result.stdout
     metrics = json.loads((output / "metrics.json").read_text())["metrics"]
     assert metrics["num_examples"] == 4

@@ -8,11 +8,11 @@ from pathlib import Path
 from ..configs import VLMScriptArguments
 from ..tasks import task_from_args
 from .errors import DataError
-from .rows import BadRowReport, build_dataset
+from .rows import LISTED_BAD_ROWS, BadRowReport, build_dataset
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["eval_split_name", "load_splits"]
+__all__ = ["eval_split_name", "load_generation_rows", "load_splits"]
 
 
 def eval_split_name(script_args: VLMScriptArguments) -> str | None:
@@ -84,3 +84,25 @@ def load_splits(
     if report.skipped:
         logger.warning("%s", report.summary())
     return datasets, report
+
+
+def load_generation_rows(script_args: VLMScriptArguments, split: str, limit: int | None = None):
+    """The rows of `split` evaluated by generation (at most `limit`): a dataset, or where the recipe streams
+    (`dataset_streaming`), the first rows of the stream read into a list (generation takes rows by index), its bad
+    rows left out and counted in a warning."""
+    (rows,), _ = load_splits(script_args, [split], limits=[limit])
+    if hasattr(rows, "__len__"):
+        return rows
+    read = list(rows)
+    good = [row for row in read if not row.get("image_error")]
+    if len(good) < len(read):
+        reasons = [row["image_error"]["reason"] for row in read if row.get("image_error")]
+        logger.warning(
+            "Evaluation by generation leaves out %d bad row(s) of the streamed %r split: %s",
+            len(reasons),
+            split,
+            "; ".join(reasons[:LISTED_BAD_ROWS]),
+        )
+    if not good:
+        raise DataError(f"No usable rows in the streamed {split!r} split to evaluate by generation.")
+    return good
