@@ -658,6 +658,11 @@ def check_streaming(script_args, training_args, keys_set: set[str]) -> None:
         raise RecipeError("`dataset_streaming: true` streams a `dataset_name` dataset; set `dataset_name`.")
     if training_args.max_steps is None or training_args.max_steps <= 0:
         raise RecipeError("`dataset_streaming: true` has no dataset length to count epochs by: set `max_steps` (> 0).")
+    if script_args.eval_after_train and script_args.generation_max_samples is None:
+        raise RecipeError(
+            "`eval_after_train` with `dataset_streaming: true` reads the streamed generation split into memory: set "
+            "`generation_max_samples` to how many of its rows to evaluate."
+        )
     strategy = getattr(training_args.train_sampling_strategy, "value", training_args.train_sampling_strategy)
     if "train_sampling_strategy" in keys_set and strategy not in ("random", "sequential"):
         raise RecipeError(

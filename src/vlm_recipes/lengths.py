@@ -21,6 +21,7 @@ processors.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 from collections.abc import Iterable, Sequence
@@ -208,15 +209,16 @@ def sample_lengths(
     transform = dataset.format["format_kwargs"].get("transform") if dataset.format["type"] == "custom" else None
     plain = dataset.with_format(None)
     fingerprint = datasets.fingerprint.Hasher.hash(
-        [dataset_fingerprint(dataset), processor_fingerprint(collator), LENGTHS_CACHE_VERSION]
+        [
+            dataset_fingerprint(dataset),  # for an in-memory dataset (a native task's rows), of the table's content
+            image_files_digest(plain),  # image files change without the rows that name them changing
+            processor_fingerprint(collator),
+            lengths_code_version(),
+        ]
     )
-    cache_file_name = None
-    if not plain.cache_files:
-        # An in-memory dataset (a native task's rows) has no folder of its own for `datasets` to cache in: its lengths
-        # go to the `datasets` cache, under the fingerprint (which `datasets` derives from an in-memory table's content).
-        cache_dir = Path(datasets.config.HF_DATASETS_CACHE) / "vlm_recipes" / "sample_lengths"
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        cache_file_name = str(cache_dir / f"{fingerprint}.arrow")
+    # In our folder of the `datasets` cache, not beside the dataset (the user's folder may be read-only or shared).
+    cache_dir = Path(datasets.config.HF_DATASETS_CACHE) / "vlm_recipes" / "sample_lengths"
+    cache_dir.mkdir(parents=True, exist_ok=True)
     measured = plain.map(
         _length_batch,
         batched=True,
@@ -226,7 +228,7 @@ def sample_lengths(
         features=datasets.Features({"length": datasets.Value("int64")}),
         fn_kwargs={"collator": collator, "transform": transform},
         new_fingerprint=fingerprint,
-        cache_file_name=cache_file_name,
+        cache_file_name=str(cache_dir / f"{fingerprint}.arrow"),
         num_proc=num_proc if num_proc and num_proc > 1 and len(plain) > LENGTH_BATCH_SIZE else None,
         desc=description,
     )
@@ -236,13 +238,49 @@ def sample_lengths(
     return lengths, names
 
 
-# Part of the cached lengths' fingerprint: change it when the way lengths are counted changes, so that no run reads
-# lengths counted the old way.
-LENGTHS_CACHE_VERSION = "sample_lengths/1"
 # Rows per `datasets.map` batch of the length pass, and per tokenizer call.
 LENGTH_BATCH_SIZE = 256
 # Image-token counters by collator, one per process (a `datasets.map` worker builds its own).
 _COUNTERS: dict[int, ImageTokenCounter] = {}
+
+
+@functools.cache
+def lengths_code_version() -> str:
+    """A hash of the code that counts lengths (this module and the collator's rendering), part of the cached lengths'
+    fingerprint, so that no run reads lengths counted by older code."""
+    import datasets
+
+    from . import collator
+
+    return datasets.fingerprint.Hasher.hash([Path(__file__).read_bytes(), Path(collator.__file__).read_bytes()])
+
+
+def image_files_digest(dataset) -> str:
+    """A hash of the files behind a dataset's `images` column (path, size, modification time), "" where it has none:
+    images stored as bytes are part of the data itself. One `stat` per distinct file, no file read."""
+    import os
+
+    import pyarrow
+    import pyarrow.compute as pc
+
+    if "images" not in dataset.column_names:
+        return ""
+    column = dataset.with_format("arrow").select_columns(["images"])["images"]
+    flat = pc.list_flatten(column) if pyarrow.types.is_list(column.type) else column
+    if pyarrow.types.is_struct(flat.type):
+        flat = pc.filter(pc.struct_field(flat, "path"), pc.is_null(pc.struct_field(flat, "bytes")))
+    if not pyarrow.types.is_string(flat.type) and not pyarrow.types.is_large_string(flat.type):
+        return ""
+    stats = []
+    for path in sorted(pc.unique(pc.drop_null(flat)).to_pylist()):
+        try:
+            status = os.stat(path)
+            stats.append((path, status.st_size, status.st_mtime_ns))
+        except OSError:
+            stats.append((path, None, None))
+    import datasets
+
+    return datasets.fingerprint.Hasher.hash(stats)
 
 
 def processor_fingerprint(collator) -> str:

@@ -163,6 +163,7 @@ class TestBitsandbytes:
 
 class TestDatasets:
     def test_dataset_fingerprint_follows_content_and_transforms(self):
+        """What our cached passes key on: equal for equal content, changed by a selection or a map."""
         import datasets
 
         first = datasets.Dataset.from_dict({"a": [1, 2, 3]})
@@ -171,3 +172,8 @@ class TestDatasets:
         same = datasets.Dataset.from_dict({"a": [1, 2, 3]})
         assert _compat.dataset_fingerprint(first.map(lambda row: row, new_fingerprint="fixed")) == "fixed"
         assert _compat.dataset_fingerprint(same.select([0, 1])) == _compat.dataset_fingerprint(first.select([0, 1]))
+        doubled = first.map(lambda row: {"a": row["a"] * 2})
+        assert _compat.dataset_fingerprint(doubled) != _compat.dataset_fingerprint(first)
+        assert _compat.dataset_fingerprint(
+            datasets.Dataset.from_dict({"a": [1, 2, 4]})
+        ) != _compat.dataset_fingerprint(first)

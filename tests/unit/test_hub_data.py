@@ -262,6 +262,11 @@ def test_csv_holds_conversations_as_json_text(native, processor, tmp_path):
 
 
 class TestDetection:
+    def test_recipe_choices_are_the_known_formats(self):
+        from vlm_recipes.configs import DATASET_FORMATS
+
+        assert DATASET_FORMATS == FORMATS
+
     def test_columns_decide(self):
         assert detect_format(["messages", "images"]) == "messages"
         assert detect_format(["prompt", "completion", "images"]) == "prompt_completion"
@@ -389,6 +394,69 @@ class TestSources:
         assert eval_split_name(script_args(dataset_name="x", eval_split="dev")) == "dev"
         assert eval_split_name(script_args(dataset_path="x")) == "val"
 
+    def test_struct_images_without_the_image_type(self, native, processor, tmp_path):
+        """Parquet written by pandas or pyarrow holds images as `{bytes, path}` structs, not the `Image` type."""
+        rows = [
+            {
+                "id": row["id"],
+                "images": [{"bytes": png_bytes(native, Path(path).name), "path": None} for path in row["images"]],
+                "messages": json.dumps(row["messages"]),
+            }
+            for row in NATIVE
+        ]
+        (tmp_path / "pq").mkdir()
+        datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "pq" / "train.parquet"))
+        assert not isinstance(
+            datasets.load_dataset("parquet", data_files=str(tmp_path / "pq" / "train.parquet"))["train"]
+            .features["images"]
+            .feature,
+            datasets.Image,
+        )
+        reference = native_rows(native)
+        collator = VisionChatCollator(processor)
+        for streaming in (False, True):
+            (dataset,), _ = load_splits(
+                script_args(dataset_name=str(tmp_path / "pq"), dataset_streaming=streaming), ["train"]
+            )
+            for row in dataset:
+                assert_same_encoding(collator, row, reference[row["id"]])
+
+    def test_llava_folder_with_image_folders_named_for_splits(self, native, tmp_path):
+        """LLaVA's layout: `llava_mix.json` beside `coco/train2017/*.png`; the images are not data files."""
+        root = tmp_path / "llava"
+        (root / "coco" / "train2017").mkdir(parents=True)
+        (root / "coco" / "train2017" / "1.png").write_bytes(png_bytes(native, "red.png"))
+        row = {
+            "id": "a",
+            "image": "coco/train2017/1.png",
+            "conversations": [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "Red."}],
+        }
+        (root / "llava_mix.json").write_text(json.dumps([row]))
+        (dataset,), _ = load_splits(script_args(dataset_name=str(root)), ["train"])
+        assert dataset[0]["id"] == "a" and dataset[0]["images"][0].size == (64, 48)
+
+    def test_text_that_only_looks_like_json_stays_text(self, native, tmp_path):
+        rows = [
+            {
+                "images": [str(native / "images/red.png")],
+                "prompt": "[Question] What colour?",
+                "completion": "[1, 2, 3]",
+            }
+        ]
+        (tmp_path / "pc.jsonl").write_text(json.dumps(rows[0]) + "\n")
+        (dataset,), report = load_splits(script_args(dataset_name=str(tmp_path / "pc.jsonl")), ["train"])
+        assert not report.skipped
+        assert dataset[0]["messages"][0]["content"][-1]["text"] == "[Question] What colour?"
+        assert dataset[0]["messages"][1]["content"][0]["text"] == "[1, 2, 3]"
+
+    def test_compressed_data_file(self, native, tmp_path):
+        import gzip
+
+        row = dict(NATIVE[0], images=[str(native / "images/red.png")])
+        (tmp_path / "rows.jsonl.gz").write_bytes(gzip.compress((json.dumps(row) + "\n").encode()))
+        (dataset,), _ = load_splits(script_args(dataset_name=str(tmp_path / "rows.jsonl.gz")), ["train"])
+        assert dataset[0]["id"] == "one"
+
     def test_max_train_samples_takes_the_first_rows(self, native, tmp_path):
         folder = messages_parquet(native, tmp_path / "pq")
         (dataset,), _ = load_splits(script_args(dataset_name=str(folder), max_train_samples=2), ["train"])
@@ -398,12 +466,41 @@ class TestSources:
 
 class TestCachedPasses:
     def test_second_load_reads_the_conversion_cache(self, native, tmp_path):
+        import os
+
         folder = messages_parquet(native, tmp_path / "pq")
         (first,), _ = load_splits(script_args(dataset_name=str(folder)), ["train"])
+        files = [entry["filename"] for entry in first.cache_files if "vlm_recipes" in entry["filename"]]
+        assert files and not any(str(folder) in name for name in files)  # in the datasets cache, not the user's folder
+        written = {name: os.stat(name).st_mtime_ns for name in files}
         (second,), _ = load_splits(script_args(dataset_name=str(folder)), ["train"])
-        assert first.cache_files and [f["filename"] for f in first.cache_files] == [
-            f["filename"] for f in second.cache_files
+        assert {name: os.stat(name).st_mtime_ns for name in files} == written  # read back, not written again
+        assert [row["messages"] for row in second] == [row["messages"] for row in first]
+
+    def test_changed_image_files_are_read_again(self, native, processor, tmp_path):
+        """Images given as paths can change between runs: a fixed file is no longer a bad row, and a replaced one
+        gets its new length."""
+        images = tmp_path / "images"
+        images.mkdir()
+        (images / "a.png").write_bytes(b"broken")
+        (images / "b.png").write_bytes(png_bytes(native, "green.png"))
+        user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]}
+        rows = [
+            {"id": name, "images": [f"images/{name}.png"], "messages": [user, {"role": "assistant", "content": "x"}]}
+            for name in ("a", "b")
         ]
+        (tmp_path / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        args = script_args(dataset_name=str(tmp_path / "rows.jsonl"), on_bad_row="skip")
+        (dataset,), report = load_splits(args, ["train"])
+        assert [row["id"] for row in dataset] == ["b"] and len(report.skipped) == 1
+        collator = VisionChatCollator(processor)
+        small = sample_lengths(dataset, collator)[0][0]
+        (images / "a.png").write_bytes(png_bytes(native, "red.png"))
+        Image.new("RGB", (256, 256)).save(images / "b.png")
+        (dataset,), report = load_splits(args, ["train"])
+        assert [row["id"] for row in dataset] == ["a", "b"] and not report.skipped
+        lengths = sample_lengths(dataset, collator)[0]
+        assert lengths[1] > small and lengths == [int(collator([row])["attention_mask"].sum()) for row in dataset]
 
     def test_lengths_are_exact_and_read_back_from_the_cache(self, native, processor, tmp_path, monkeypatch):
         collator = VisionChatCollator(processor)
@@ -469,5 +566,7 @@ class TestStreaming:
             parse_recipe(base)
         with pytest.raises(RecipeError, match="train_sampling_strategy: random"):
             parse_recipe([*base, "--max_steps", "2", "--train_sampling_strategy", "group_by_length"])
+        with pytest.raises(RecipeError, match="set `generation_max_samples`"):
+            parse_recipe([*base, "--max_steps", "2", "--eval_after_train", "true"])
         script, training, _ = parse_recipe([*base, "--max_steps", "2"])
         assert script.dataset_streaming and training.max_steps == 2

@@ -93,21 +93,23 @@ def detect_format(columns: list[str], forced: str = "auto", where: str = "the da
 # --------------------------------------------------------------------------------------------------------------------
 # Rows -> messages
 # --------------------------------------------------------------------------------------------------------------------
-def _from_json_text(value: Any, what: str) -> Any:
-    """A list stored as JSON text (a CSV file holds no nested data) as the list; anything else unchanged."""
+def _from_json_text(value: Any, items: type) -> Any:
+    """A list stored as JSON text (a CSV file holds no nested data) as the list, where it parses to a list of `items`
+    (dicts for a conversation, strings for image paths); anything else unchanged, text that merely starts with `[`
+    included."""
     if isinstance(value, str) and value.lstrip().startswith("["):
         try:
-            return json.loads(value)
-        except json.JSONDecodeError as error:
-            raise RowProblem(
-                f"`{what}` looks like JSON but does not parse ({error.msg} at column {error.colno})"
-            ) from None
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            return value
+        if isinstance(parsed, list) and all(isinstance(item, items) for item in parsed):
+            return parsed
     return value
 
 
 def _image_refs(row: dict[str, Any]) -> list[Any]:
     column = image_column(row.keys())
-    value = _from_json_text(row.get(column), column) if column else None
+    value = _from_json_text(row.get(column), str) if column else None
     if value is None or value == "":
         return []
     refs = list(value) if isinstance(value, (list, tuple)) else [value]
@@ -171,7 +173,7 @@ def _split_markers(text: str) -> list[dict[str, Any]] | str:
 
 
 def _sharegpt_conversation(row: dict[str, Any]) -> list[dict[str, Any]]:
-    turns = _from_json_text(row.get("conversations"), "conversations")
+    turns = _from_json_text(row.get("conversations"), dict)
     if not isinstance(turns, (list, tuple)) or not turns:
         raise RowProblem("`conversations` must be a non-empty list of turns")
     messages = []
@@ -224,7 +226,7 @@ def _check(messages: list[dict[str, Any]], num_images: int) -> None:
         if message["role"] == "assistant":
             if images:
                 raise RowProblem(f"message {turn}: an assistant turn holds an image; images belong in user turns")
-            if message.get("weight", 1) and not "".join(item["text"] for item in message["content"]).strip():
+            if not "".join(item["text"] for item in message["content"]).strip():
                 raise RowProblem(f"message {turn}: the assistant turn is empty")
         placeholders += images
     if placeholders != num_images:
@@ -236,10 +238,10 @@ def to_messages(row: dict[str, Any], fmt: str) -> tuple[list[dict[str, Any]], li
     prompt carries `weight: 0`), and the row's images as stored (path, bytes or `{"bytes", "path"}`)."""
     images = _image_refs(row)
     if fmt == "messages":
-        messages = _conversation(_from_json_text(row.get("messages"), "messages"), "messages")
+        messages = _conversation(_from_json_text(row.get("messages"), dict), "messages")
     elif fmt == "prompt_completion":
-        prompt = _from_json_text(row.get("prompt"), "prompt")
-        completion = _from_json_text(row.get("completion"), "completion")
+        prompt = _from_json_text(row.get("prompt"), dict)
+        completion = _from_json_text(row.get("completion"), dict)
         if isinstance(prompt, str) and isinstance(completion, str):
             messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
         elif isinstance(prompt, str) or isinstance(completion, str):

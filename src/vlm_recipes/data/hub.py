@@ -6,9 +6,12 @@ data file, loaded through `datasets` and turned into our rows without leaving Ar
   name=dataset_config, streaming=dataset_streaming)` otherwise, as TRL's `sft.py` does, for hub ids and local folders
   alike.
 - Rows: the format is detected from the columns (`vlm_recipes.data.formats`) and each row converted by `datasets.map`
-  (over `dataset_num_proc` processes, cached with the dataset) into `id`, `messages` (JSON text) and, where images are
-  paths, their resolved paths; an `Image` or bytes column is kept as it is, beside them (not copied). Image headers
-  are read (size and mode, no pixels), so that an unreadable image is a bad row before training.
+  (over `dataset_num_proc` processes) into `id`, `messages` (JSON text) and, where images are paths, their resolved
+  paths; an `Image` or bytes column is kept as it is, beside them (not copied). Image headers are read (size and mode,
+  no pixels), so that an unreadable image is a bad row before training.
+- Caching: the conversion of a dataset whose images are in its data (`Image` feature, bytes) is cached in the
+  `datasets` cache folder (never in the user's dataset folder), under a fingerprint of the data, the settings and the
+  conversion code; one whose images are files is converted again each run, since the files may have changed.
 - Bad rows follow `on_bad_row`, named by dataset, split, index and id.
 - Streaming (`dataset_streaming: true`): the same conversion, lazily per example; a bad row reaches the collator marked,
   which stops or skips it under `on_bad_row` (counted with the other skips).
@@ -20,6 +23,7 @@ import functools
 import io
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +44,34 @@ DATA_FILE_BUILDERS = {
     ".csv": "csv",
     ".arrow": "arrow",
 }
+# Compression suffixes that `datasets` reads through (`data.jsonl.gz` is a JSONL file).
+COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".lz4")
 # Rows per `datasets.map` batch of the conversion: rows with embedded images bring their bytes into Python.
 CONVERT_BATCH_SIZE = 64
+# Split names that data-file names stand for, as `datasets` reads them (`datasets.data_files`, 5.2).
+SPLIT_KEYWORDS = {
+    "train": ("train", "training"),
+    "validation": ("validation", "valid", "dev", "val"),
+    "test": ("test", "testing", "eval", "evaluation"),
+}
+
+
+def data_file_builder(path: str | Path) -> str | None:
+    """The `datasets` builder that reads a data file, by its suffix (a compression suffix looked through), or None."""
+    suffixes = [suffix.lower() for suffix in Path(path).suffixes]
+    if suffixes and suffixes[-1] in COMPRESSION_SUFFIXES:
+        suffixes = suffixes[:-1]
+    return DATA_FILE_BUILDERS.get(suffixes[-1]) if suffixes else None
+
+
+def _split_of(path: Path, root: Path) -> str | None:
+    """The split a data file's name (or a folder on its way from `root`) stands for, as `datasets` names them."""
+    parts = [*path.relative_to(root).parent.parts, path.name.split(".")[0]]
+    for split, keywords in SPLIT_KEYWORDS.items():
+        pattern = re.compile(r"(^|[-._ 0-9])(" + "|".join(keywords) + r")([-._ 0-9]|$)")
+        if any(pattern.search(part.lower()) for part in parts):
+            return split
+    return None
 
 
 def _is_saved_dataset(path: Path) -> bool:
@@ -52,33 +82,43 @@ def _local_data_files(path: Path) -> tuple[str | None, dict[str, list[str]]]:
     """The builder and the data files by split of a local folder in hub layout, images and other files left out.
 
     Why not `load_dataset(folder)` alone: it picks the builder of the most common file type, so a folder of JSONL
-    files and the images they name is read as an image folder. A folder whose README.md declares its `configs` (a
-    dataset card) is left to `load_dataset` (builder None), which reads them.
+    files and the images they name is read as an image folder, and it matches split names against every file, so
+    LLaVA's `llava.json` beside `coco/train2017/*.jpg` has no data file of split `train`. Here the data files are
+    found first, then their splits: a file named for none of them is `train` when no file is named for a split. A folder
+    whose README.md declares its `configs` (a dataset card) is left to `load_dataset` (builder None).
     """
-    from datasets.data_files import DataFilesDict, get_data_patterns
-
     readme = path / "README.md"
     if readme.is_file() and "\nconfigs:" in readme.read_text(encoding="utf-8", errors="replace"):
         return None, {}
-    try:
-        found = DataFilesDict.from_patterns(get_data_patterns(str(path)), base_path=str(path))
-    except FileNotFoundError:  # no file named for a split: every data file is `train`
-        found = {"train": [str(f) for f in sorted(path.rglob("*")) if f.is_file()]}
-    files: dict[str, list[str]] = {}
-    builders = set()
-    for split, paths in found.items():
-        kept = [str(f) for f in paths if Path(str(f)).suffix.lower() in DATA_FILE_BUILDERS]
-        if kept:
-            files[str(split)] = kept
-            builders |= {DATA_FILE_BUILDERS[Path(f).suffix.lower()] for f in kept}
-    if not files:
+    data_files = sorted(
+        f for f in path.rglob("*") if f.is_file() and not f.name.startswith(".") and data_file_builder(f) is not None
+    )
+    if not data_files:
         raise DataError(f"dataset_name {path}: no data files ({', '.join(sorted(DATA_FILE_BUILDERS))}) in the folder.")
+    builders = {data_file_builder(f) for f in data_files}
     if len(builders) > 1:
         raise DataError(
             f"dataset_name {path}: data files of several kinds ({', '.join(sorted(builders))}); keep one kind per "
             "dataset folder, or name one file as `dataset_name`."
         )
-    return builders.pop(), files
+    by_split: dict[str, list[str]] = {}
+    unnamed = []
+    for file in data_files:
+        split = _split_of(file, path)
+        if split is None:
+            unnamed.append(file)
+        else:
+            by_split.setdefault(split, []).append(str(file))
+    if not by_split:
+        by_split = {"train": [str(f) for f in unnamed]}
+    elif unnamed:
+        logger.warning(
+            "dataset_name %s: %d data file(s) named for no split are left out: %s",
+            path,
+            len(unnamed),
+            ", ".join(str(f.relative_to(path)) for f in unnamed[:10]),
+        )
+    return builders.pop(), by_split
 
 
 class HubSource:
@@ -113,10 +153,13 @@ class HubSource:
                     loaded = datasets.DatasetDict({"train": loaded})
                 self._root_dirs = [str(path)]
                 if self.streaming:
-                    loaded = datasets.IterableDatasetDict({k: v.to_iterable_dataset() for k, v in loaded.items()})
+                    # Shards, so that several processes (and data-loading workers) each read their own rows.
+                    loaded = datasets.IterableDatasetDict(
+                        {k: v.to_iterable_dataset(num_shards=min(len(v), 64) or 1) for k, v in loaded.items()}
+                    )
                 return loaded
             if path.is_file():
-                builder = DATA_FILE_BUILDERS.get("".join(path.suffixes[-1:]).lower())
+                builder = data_file_builder(path)
                 if builder is None:
                     raise DataError(
                         f"dataset_name {self.name}: a data file must end in one of {sorted(DATA_FILE_BUILDERS)}."
@@ -176,7 +219,8 @@ class HubSource:
 
     @staticmethod
     def _image_kind(dataset, column: str | None) -> str | None:
-        """How `column` holds images: `image` (the `Image` feature, one or a list), `bytes`, `path`, or None."""
+        """How `column` holds images: `image` (the `Image` feature, one or a list), `struct` (`{bytes, path}` structs
+        without the `Image` type, as pandas or pyarrow write them), `bytes`, `path`, or None."""
         import datasets
 
         if column is None:
@@ -185,6 +229,8 @@ class HubSource:
         inner = getattr(feature, "feature", feature)  # List(Image()) -> Image()
         if isinstance(inner, datasets.Image):
             return "image"
+        if isinstance(inner, dict) and "bytes" in inner:
+            return "struct"
         if isinstance(inner, datasets.Value) and inner.dtype in ("binary", "large_binary"):
             return "bytes"
         return "path"
@@ -208,6 +254,19 @@ class HubSource:
         features["bad_row"] = datasets.Value("string")
         if kind == "path":
             features["images"] = datasets.List(datasets.Value("string"))
+        elif kind == "struct":  # rewritten as the `Image` feature (undecoded): a copy of the images, unlike `image`
+            features["images"] = datasets.List(datasets.Image(decode=False))
+        fn_kwargs = {
+            "fmt": fmt,
+            "kind": kind,
+            "split": split,
+            "features": _without_image_decoding(dataset.features, column),
+            "image_dirs": self.image_dirs(split),
+            "max_image_pixels": self.max_image_pixels,
+        }
+        fingerprint = datasets.fingerprint.Hasher.hash(
+            [dataset_fingerprint(dataset), conversion_code_version(), {k: str(v) for k, v in fn_kwargs.items()}]
+        )
         # Read as Arrow batches: an `Image` column comes as its stored `{"bytes", "path"}`, never decoded here.
         converted = (
             dataset.with_format("arrow")
@@ -218,14 +277,11 @@ class HubSource:
                 with_indices=True,
                 remove_columns=dataset.column_names,
                 features=datasets.Features(features),
-                fn_kwargs={
-                    "fmt": fmt,
-                    "kind": kind,
-                    "split": split,
-                    "features": _without_image_decoding(dataset.features, column),
-                    "image_dirs": self.image_dirs(split),
-                    "max_image_pixels": self.max_image_pixels,
-                },
+                fn_kwargs=fn_kwargs,
+                new_fingerprint=fingerprint,
+                cache_file_name=str(cache_folder("conversions") / f"{fingerprint}.arrow"),
+                # Image files may have changed since the last run (a broken one fixed, one replaced): read them again.
+                load_from_cache_file=kind != "path",
                 num_proc=num_proc if num_proc and num_proc > 1 and len(dataset) > CONVERT_BATCH_SIZE else None,
                 desc=f"Reading {where} ({fmt})",
             )
@@ -270,7 +326,8 @@ class HubSource:
                 "fmt": fmt,
                 "kind": kind,
                 "where": where,
-                "split": split,
+                # Several shards: a process (or data-loading worker) reads some of them, counting its rows from 0.
+                "single_shard": dataset.num_shards == 1,
                 "image_dirs": self.image_dirs(split),
                 "max_image_pixels": self.max_image_pixels,
             },
@@ -279,6 +336,30 @@ class HubSource:
 
 def open_source(script_args, streaming: bool | None = None) -> HubSource:
     return HubSource(script_args, streaming=streaming)
+
+
+def cache_folder(kind: str) -> Path:
+    """Our folder for `kind` in the `datasets` cache (`HF_DATASETS_CACHE`): never the user's dataset folder, which may
+    be read-only or shared."""
+    import datasets
+
+    folder = Path(datasets.config.HF_DATASETS_CACHE) / "vlm_recipes" / kind
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@functools.cache
+def conversion_code_version() -> str:
+    """A hash of the code that converts rows (this module, the formats, the image checks), part of the conversion's
+    fingerprint: `datasets` hashes a function by its own code only, so a fix in a helper it calls would otherwise keep
+    serving conversions cached before it."""
+    import datasets
+
+    from . import formats, images
+
+    return datasets.fingerprint.Hasher.hash(
+        [Path(m.__file__).read_bytes() for m in (formats, images)] + [Path(__file__).read_bytes()]
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -400,7 +481,7 @@ def _convert_batch(batch, indices: list[int], fmt, kind, split, features, image_
     batch = features.decode_batch(batch.to_pydict())
     size = len(indices)
     out: dict[str, list] = {"id": [], "messages": [], "bad_row": []}
-    if kind == "path":
+    if kind in ("path", "struct"):
         out["images"] = []
     for position in range(size):
         row = {key: values[position] for key, values in batch.items()}
@@ -410,18 +491,22 @@ def _convert_batch(batch, indices: list[int], fmt, kind, split, features, image_
         out["id"].append(row_id)
         out["messages"].append(json.dumps(messages) if messages is not None else "[]")
         out["bad_row"].append(problem)
-        if kind == "path":
+        if kind in ("path", "struct"):
             out["images"].append(refs)
     return out
 
 
-def _stream_example(row: dict[str, Any], index: int, fmt, kind, where, split, image_dirs, max_image_pixels):
+def _stream_example(row: dict[str, Any], index: int, fmt, kind, where, single_shard, image_dirs, max_image_pixels):
     from .rows import decode_images
 
-    row_id, messages, refs, problem = _convert_row(row, index, split, fmt, kind, image_dirs, max_image_pixels)
+    own_id = row.get("id")
+    row_id, messages, refs, problem = _convert_row(row, index, "stream", fmt, kind, image_dirs, max_image_pixels)
+    if own_id is None:
+        row_id = f"row {index}" if single_shard else None  # a position within a shard names no row
     if problem is not None:
         # Marked for the collator, which stops on it or skips it under `on_bad_row` (counted and listed).
-        name = f"{where}, row {index}" + (f" (id {row_id})" if row_id != f"{split}-{index}" else "")
+        position = f"row {index}" if single_shard else f"row {index} of a shard"
+        name = f"{where}, {position}" + (f" (id {own_id})" if own_id is not None else "")
         reason = f"{name}: {problem}"
         return {"id": row_id, "messages": [], "images": [], "image_error": {"image": None, "reason": reason}}
     images, error = decode_images(refs, max_image_pixels)

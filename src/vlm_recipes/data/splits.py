@@ -93,6 +93,11 @@ def load_generation_rows(script_args: VLMScriptArguments, split: str, limit: int
     (rows,), _ = load_splits(script_args, [split], limits=[limit])
     if hasattr(rows, "__len__"):
         return rows
+    if limit is None:
+        raise DataError(
+            f"The {split!r} split is streamed: evaluating it by generation reads its rows into memory, decoded; say "
+            "how many (`generation_max_samples`, or `--max_samples` of scripts/evaluate.py)."
+        )
     read = list(rows)
     good = [row for row in read if not row.get("image_error")]
     if len(good) < len(read):
