@@ -402,7 +402,8 @@ class VisionChatCollator:
                 if message.get("weight", 1):
                     spans.append((len(prompt), len(through_turn)))
                 regions.append((previous_end, len(prompt), "assistant_cue"))
-                regions.append((len(prompt), len(through_turn), "assistant"))
+                role = "assistant" if message.get("weight", 1) else "assistant_context"
+                regions.append((len(prompt), len(through_turn), role))
             else:
                 start = previous_end
                 if turn == 0 and message["role"] != "system":
@@ -811,6 +812,7 @@ class VisionChatCollator:
             "user": LabelReason.USER,
             "assistant_cue": LabelReason.PROMPT_CUE,
             "assistant": LabelReason.ASSISTANT,
+            "assistant_context": LabelReason.ASSISTANT_CONTEXT,
         }
         layers = [(region[:2], role_reason[region[2]]) for region in row.message_regions]
         layers += [(span, LabelReason.ADDED_EOS) for span in row.added_eos_spans]

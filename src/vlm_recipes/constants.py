@@ -18,6 +18,7 @@ class LabelReason:
     """Why a token is supervised or masked (used by `VisionChatCollator.explain`)."""
 
     ASSISTANT = "supervised: assistant turn"
+    ASSISTANT_CONTEXT = "masked: assistant turn of a prompt (prompt-completion data trains on the completion only)"
     PROMPT_CUE = "masked: assistant prompt cue (what add_generation_prompt renders)"
     ADDED_EOS = "supervised: end-of-turn appended by the collator"
     IMAGE = "masked: image token"

@@ -351,6 +351,8 @@ class VLMSFTTrainer(SFTTrainer):
                 kwargs["data_collator"] = with_image_in_every_batch(kwargs["data_collator"], training_args)
         super().__init__(*args, **kwargs)
         self.add_callback(_FrozenVisionWithoutGrad(self))
+        if self.train_dataset is not None and not hasattr(self.train_dataset, "__len__"):
+            self.add_callback(_StreamTooShort())
         checkpointing_kwargs = self.args.activation_checkpointing_kwargs or {}
         if self.args.gradient_checkpointing and checkpointing_kwargs.get("use_reentrant"):
             hooked = _make_checkpointed_inputs_require_grad(self.model)
@@ -544,6 +546,33 @@ class _FrozenVisionWithoutGrad(TrainerCallback):
             # tower's, on purpose. Trainable blocks get inputs that require grad (`_make_checkpointed_inputs_require_grad`).
             warnings.filterwarnings(
                 "ignore", message="None of the inputs have requires_grad=True", module="torch.utils.checkpoint"
+            )
+
+
+class _StreamTooShort(TrainerCallback):
+    """A stream that ends before one optimizer step stops the run, naming why.
+
+    Why: with a stream (no length), the Trainer reads it again each epoch until `max_steps`; a stream with fewer rows
+    than one optimizer step takes (per-device batch x accumulation steps x processes) never completes a step, and
+    the run would loop over it forever (transformers 5.24).
+    """
+
+    def __init__(self):
+        self.step_at_epoch_start = 0
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.step_at_epoch_start = state.global_step
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step_at_epoch_start and state.global_step < state.max_steps:
+            from .data.errors import DataError
+
+            per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+            raise DataError(
+                f"The streamed training split ended before one optimizer step ({per_step} rows: "
+                f"per_device_train_batch_size {args.per_device_train_batch_size} x gradient_accumulation_steps "
+                f"{args.gradient_accumulation_steps} x {args.world_size} process(es)): give more rows, or a smaller "
+                "batch or fewer accumulation steps."
             )
 
 

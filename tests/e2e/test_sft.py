@@ -306,3 +306,29 @@ def test_streamed_dataset_trains_and_evaluates(tmp_path, tiny_model_dirs):
     assert "data [train], row 1 (id train-01): no assistant turn to learn from" in result.stdout
     metrics = json.loads((output / "metrics.json").read_text())["metrics"]
     assert metrics["num_examples"] == 4
+
+
+def test_stream_shorter_than_one_step_stops_naming_why(tmp_path, tiny_model_dirs):
+    """Six streamed rows and eight rows per optimizer step: the Trainer would read the stream again and again without
+    ever stepping; the run stops with the numbers instead."""
+    rows = (REPO_ROOT / "examples/messages/train.jsonl").read_text().splitlines()[:6]
+    data = tmp_path / "six.jsonl"
+    data.write_text("\n".join(rows).replace('"images/', f'"{REPO_ROOT}/examples/messages/images/') + "\n")
+    result = run_script(
+        [
+            "scripts/sft.py",
+            "recipes/demo/messages.yaml",
+            "--dataset_name",
+            str(data),
+            "--output_dir",
+            str(tmp_path / "o"),
+        ]
+        + ["--model_name_or_path", str(tiny_model_dirs["qwen2_vl"]), "--tiny_model_family", "qwen2_vl"]
+        + ["--dataset_streaming", "true", "--max_steps", "1", "--per_device_train_batch_size", "2"]
+        + ["--gradient_accumulation_steps", "4", "--eval_after_train", "false"],
+        timeout=600,
+        env={"HF_DATASETS_CACHE": str(tmp_path / "cache")},
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "ended before one optimizer step (8 rows" in result.stderr
+    assert not (tmp_path / "o" / "config.json").exists()

@@ -12,7 +12,7 @@ from PIL import Image
 from transformers import AutoProcessor
 
 from vlm_recipes import lengths as lengths_module
-from vlm_recipes.collator import IGNORE_INDEX, VisionChatCollator
+from vlm_recipes.collator import IGNORE_INDEX, LabelReason, VisionChatCollator
 from vlm_recipes.configs import VLMScriptArguments
 from vlm_recipes.data.errors import DataError
 from vlm_recipes.data.formats import FORMATS, detect_format, to_messages
@@ -225,6 +225,12 @@ class TestFormatsGiveTheNativeEncoding:
         assert trained.sum() < (expected["labels"][0] != IGNORE_INDEX).sum()
         assert processor.tokenizer.decode(got["labels"][0][trained]).startswith("Green.")
         assert torch.equal(got["labels"][0][trained], expected["labels"][0][trained])
+        # What inspect_batch.py shows: the prompt's answer is masked, and says why.
+        reasons = {reason for _, _, label, reason in collator.explain(row) if label == IGNORE_INDEX}
+        assert LabelReason.ASSISTANT_CONTEXT in reasons
+        assert all(
+            label != IGNORE_INDEX for _, _, label, reason in collator.explain(row) if reason == LabelReason.ASSISTANT
+        )
 
     def test_string_prompt_and_completion_get_images_before_the_user_text(self, native, processor, tmp_path):
         """TRL's placement: a conversation without placeholders gets the images first in its first user turn."""
