@@ -650,19 +650,34 @@ class TestMultiProcessRuns:
         assert report["tokens_seen"] == report["trainer"]["num_tokens"]  # SFTTrainer's count over both processes
         assert report["padded_tokens"] > report["tokens_seen"] and report["supervised_tokens"] > 0
 
-    def test_ddp_streaming_gives_each_process_its_rows(self, tiny_run_inputs, tmp_path):
-        """A streamed `dataset_name` file under DDP: each process trains on its own rows (rank 0 rows 0 and 2, rank 1
-        rows 1 and 3), not every process on the first rows of the stream. Row 3 has no assistant turn: only the process
-        that reads it skips it, and only if the stream is shared out."""
+    @pytest.mark.parametrize("layout", ["one_file", "two_shards"])
+    def test_ddp_streaming_gives_each_process_its_rows(self, tiny_run_inputs, tmp_path, layout):
+        """A streamed `dataset_name` under DDP: each process trains on its own rows, not every process on the first
+        rows of the stream. One file: each process takes its part of every batch (rank 0 rows 0 and 2, rank 1 rows 1
+        and 3); two parquet shards: each process one shard (rank 0 rows 0-1, rank 1 rows 2-3). Row 3 has no assistant
+        turn: only the process that reads it skips it, and only if the stream is shared out."""
+        import datasets
+
         model_dir, data_dir = tiny_run_inputs
         rows = [json.loads(line) for line in (data_dir / "train.jsonl").read_text().splitlines()]
         rows[3]["messages"] = rows[3]["messages"][:1]
-        (data_dir / "stream.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        stream = tmp_path / "stream.jsonl"
+        stream.write_text("".join(json.dumps(row) + "\n" for row in rows[:4]))
+        if layout == "two_shards":
+            table = datasets.load_dataset("json", data_files=str(stream), cache_dir=str(tmp_path / "cache"))["train"]
+            (tmp_path / "sharded" / "data").mkdir(parents=True)
+            for index in range(2):
+                table.shard(2, index, contiguous=True).to_parquet(
+                    str(tmp_path / "sharded" / "data" / f"train-0000{index}-of-00002.parquet")
+                )
+            stream = tmp_path / "sharded"
         output_dir = tmp_path / "ddp-stream"
         args = tiny_recipe_args(model_dir, data_dir, output_dir)
         args[args.index("--dataset_path") : args.index("--dataset_path") + 2] = [
             "--dataset_name",
-            str(data_dir / "stream.jsonl"),
+            str(stream),
+            "--image_base_dir",
+            str(data_dir),
             "--dataset_streaming",
             "true",
             "--on_bad_row",
@@ -671,9 +686,8 @@ class TestMultiProcessRuns:
         returncode, output = accelerate_launch("multi_gpu.yaml", *args, "--ddp_find_unused_parameters", "false")
         assert_finished(returncode, output, "DDP (CPU, gloo)")
         assert "Measuring" not in output
-        assert "malformed streamed rows skipped: 1\n" in output and "[train], row 3 (id image-3)" in output, output[
-            -3000:
-        ]
+        where = "row 3 (id image-3)" if layout == "one_file" else "row 1 of a shard (id image-3)"
+        assert "malformed streamed rows skipped: 1\n" in output and f"[train], {where}" in output, output[-3000:]
         report = json.loads((output_dir / "compute_report.json").read_text())
         assert report["num_processes"] == 2 and report["samples_seen"] == 4 and report["global_step"] == 2
 
