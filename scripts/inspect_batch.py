@@ -21,7 +21,7 @@ from vlm_recipes.models.loading import load_processor
 
 def main(index, split, script_args, training_args, model_args):
     ensure_demo_inputs(script_args, model_args.model_name_or_path)
-    (dataset,), _ = load_splits(script_args, [split])
+    (dataset,), _ = load_splits(script_args, [split], limits=[index + 1], streaming=False)
     processor = load_processor(model_args, script_args.min_pixels, script_args.max_pixels)
     collator = VisionChatCollator(processor, max_length=training_args.max_length, too_long=script_args.too_long)
     example = dataset[index]
