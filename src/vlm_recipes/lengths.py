@@ -50,7 +50,8 @@ _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
 # --------------------------------------------------------------------------------------------------------------------
 # Image sizes, without decoding pixels
 # --------------------------------------------------------------------------------------------------------------------
-def _opened_size(opened) -> tuple[int, int]:
+def opened_size(opened) -> tuple[int, int]:
+    """`(height, width)` of an opened PIL image as it will be decoded: an EXIF rotation by 90 degrees swaps them."""
     width, height = opened.size
     # Why the PNG case: Pillow's `PngImageFile.getexif` decodes the whole image whenever no eXIf chunk came before
     # the pixels (it looks for one after them), which made this size read cost a full decode for most PNGs.
@@ -85,7 +86,7 @@ def _file_size(source: Any, name: Any = None) -> tuple[int, int]:
     # The recipe's `max_image_pixels` was checked at load time and may be above PIL's own limit, hence its check off.
     try:
         with without_pil_pixel_limit(), Image.open(source) as opened:
-            return _opened_size(opened)
+            return opened_size(opened)
     except (OSError, SyntaxError, ValueError, EOFError) as error:  # what PIL raises for a header it cannot read
         raise DataError(f"cannot read the header of image {name or source}: {error}") from None
 
@@ -216,6 +217,10 @@ def sample_lengths(
             lengths_code_version(),
         ]
     )
+    if "image_sizes" in plain.column_names and "images" in plain.column_names:
+        # The sizes were read with the headers when the rows were converted (`vlm_recipes.data.hub`): the images
+        # themselves (their bytes, for embedded ones) are not read again.
+        plain = plain.remove_columns("images")
     # In our folder of the `datasets` cache, not beside the dataset (the user's folder may be read-only or shared).
     cache_dir = Path(datasets.config.HF_DATASETS_CACHE) / "vlm_recipes" / "sample_lengths"
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -305,11 +310,14 @@ def processor_fingerprint(collator) -> str:
 
 
 def _length_batch(batch: dict[str, list], indices: list[int], collator, transform) -> dict[str, list]:
+    batch = dict(batch)  # `datasets.map` merges its input batch into the output: it must stay as it came
     images = batch.pop("images", None)
     if transform is not None:
         batch = transform(batch)
     if images is not None:
         batch["images"] = images
+    elif "image_sizes" in batch:  # the images themselves were left unread: stand-ins, one per image, for the checks
+        batch["images"] = [[None] * len(sizes) for sizes in batch["image_sizes"]]
     size = len(indices)
     examples = [{key: values[i] for key, values in batch.items()} for i in range(size)]
     return {"length": _lengths_of_examples(examples, collator, indices)}
@@ -345,8 +353,11 @@ def _lengths_of_examples(examples: list[dict[str, Any]], collator, indices: list
     for position, example in enumerate(examples):
         index = indices[position] if indices is not None else position
         text = collator.rendered_text(example, index)
-        images = example.get("images") or []
-        sizes = [image_size(image) for image in (images if isinstance(images, (list, tuple)) else [images])]
+        if example.get("image_sizes") is not None:
+            sizes = [tuple(size) for size in example["image_sizes"]]
+        else:
+            images = example.get("images") or []
+            sizes = [image_size(image) for image in (images if isinstance(images, (list, tuple)) else [images])]
         counts = [counter(*size) for size in sizes]
         if None in counts:  # no token arithmetic for this processor: process the text with blank images
             flush()

@@ -252,6 +252,8 @@ class HubSource:
             dataset = dataset.select(range(limit))
         features = {"id": datasets.Value("string"), "messages": datasets.Value("string")}
         features["bad_row"] = datasets.Value("string")
+        # Each image's (height, width), read with its header here: the length pass counts image tokens from these.
+        features["image_sizes"] = datasets.List(datasets.List(datasets.Value("int32")))
         if kind == "path":
             features["images"] = datasets.List(datasets.Value("string"))
         elif kind == "struct":  # rewritten as the `Image` feature (undecoded): a copy of the images, unlike `image`
@@ -378,11 +380,13 @@ def _resolve_path(value: str, image_dirs: list[str]) -> str:
     raise RowProblem(f"image file {value} not found in {' or '.join(image_dirs)}")
 
 
-def _checked_image(ref: Any, kind: str | None, image_dirs: list[str], max_image_pixels: int | None) -> Any:
-    """The image reference, its header read (size and mode, no pixels decoded): a path resolved to where the file is,
-    bytes or an `Image` feature's `{"bytes", "path"}` as stored."""
+def _checked_image(ref: Any, kind: str | None, image_dirs: list[str], max_image_pixels: int | None):
+    """`(ref, (height, width))`: the image reference, its header read (size and mode, no pixels decoded), a path
+    resolved to where the file is, bytes or an `Image` feature's `{"bytes", "path"}` as stored; and its size as the
+    collator will see it (an EXIF rotation applied), kept so that the length pass need not open the image again."""
     from PIL import Image, UnidentifiedImageError
 
+    from ..lengths import image_size, opened_size
     from .images import RGB_CONVERTIBLE_MODES, _check_pixels, without_pil_pixel_limit
 
     data, path = None, None
@@ -404,13 +408,14 @@ def _checked_image(ref: Any, kind: str | None, image_dirs: list[str], max_image_
             )
         try:
             read_image_header(resolved, max_image_pixels)
+            size = image_size(resolved)
         except DataError as error:
             raise RowProblem(str(error)) from None
-        return resolved if isinstance(ref, str) else {"bytes": None, "path": resolved}
+        return (resolved if isinstance(ref, str) else {"bytes": None, "path": resolved}), size
     name = path or "(image bytes)"
     try:
         with without_pil_pixel_limit(), Image.open(io.BytesIO(data)) as opened:
-            size, mode = opened.size, opened.mode
+            size, mode, seen = opened.size, opened.mode, opened_size(opened)
     except UnidentifiedImageError:
         raise RowProblem(f"image {name} is not an image that PIL can read") from None
     except (OSError, SyntaxError, ValueError, EOFError) as error:
@@ -421,19 +426,19 @@ def _checked_image(ref: Any, kind: str | None, image_dirs: list[str], max_image_
         _check_pixels(size, name, max_image_pixels)
     except DataError as error:
         raise RowProblem(str(error)) from None
-    return ref
+    return ref, seen
 
 
 def _convert_row(row: dict[str, Any], index: int, split: str, fmt: str, kind, image_dirs, max_image_pixels):
-    """`(id, messages, image refs, problem)` of one row; `problem` is None for a good row."""
+    """`(id, messages, image refs, image sizes, problem)` of one row; `problem` is None for a good row."""
     row_id = row.get("id")
     row_id = f"{split}-{index}" if row_id is None else str(row_id)
     try:
         messages, refs = to_messages(row, fmt)
-        refs = [_checked_image(ref, kind, image_dirs, max_image_pixels) for ref in refs]
+        checked = [_checked_image(ref, kind, image_dirs, max_image_pixels) for ref in refs]
     except RowProblem as problem:
-        return row_id, None, [], str(problem)
-    return row_id, messages, refs, None
+        return row_id, None, [], [], str(problem)
+    return row_id, messages, [ref for ref, _ in checked], [list(size) for _, size in checked], None
 
 
 def _undecoded_image_feature(feature):
@@ -480,15 +485,16 @@ def _convert_batch(batch, indices: list[int], fmt, kind, split, features, image_
     paths, the resolved paths. `features` decode the batch (`Json` content of mixed types...), images excepted."""
     batch = features.decode_batch(batch.to_pydict())
     size = len(indices)
-    out: dict[str, list] = {"id": [], "messages": [], "bad_row": []}
+    out: dict[str, list] = {"id": [], "messages": [], "bad_row": [], "image_sizes": []}
     if kind in ("path", "struct"):
         out["images"] = []
     for position in range(size):
         row = {key: values[position] for key, values in batch.items()}
-        row_id, messages, refs, problem = _convert_row(
+        row_id, messages, refs, sizes, problem = _convert_row(
             row, indices[position], split, fmt, kind, image_dirs, max_image_pixels
         )
         out["id"].append(row_id)
+        out["image_sizes"].append(sizes)
         out["messages"].append(json.dumps(messages) if messages is not None else "[]")
         out["bad_row"].append(problem)
         if kind in ("path", "struct"):
@@ -500,7 +506,7 @@ def _stream_example(row: dict[str, Any], index: int, fmt, kind, where, single_sh
     from .rows import decode_images
 
     own_id = row.get("id")
-    row_id, messages, refs, problem = _convert_row(row, index, "stream", fmt, kind, image_dirs, max_image_pixels)
+    row_id, messages, refs, _, problem = _convert_row(row, index, "stream", fmt, kind, image_dirs, max_image_pixels)
     if own_id is None:
         row_id = f"row {index}" if single_shard else None  # a position within a shard names no row
     if problem is not None:
