@@ -1,5 +1,5 @@
 """The benchmark of vlm-recipes' training path against stock TRL: collator and training throughput, padding,
-memory, and the GPU parts (README.md here has the method; RESULTS.md the dated results).
+memory, data loading at scale, and the GPU parts (README.md here has the method; RESULTS.md the dated results).
 
 Run it as `python -m benchmarks` from the repository root, or `python scripts/benchmark.py` from anywhere. It is not
 part of the installed library: it runs from the checkout, beside `tests/`.

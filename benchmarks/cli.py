@@ -3,6 +3,7 @@
 Usage (from the repository root; `python scripts/benchmark.py` takes the same flags from anywhere):
     python -m benchmarks [--output benchmark.json] [--quick] [--parts 1,2,3,4] [--steps N] [--repeats R]
     python -m benchmarks --gpu [--output benchmark_gpu.json]      # adds parts 5 and 7; needs a CUDA GPU
+    python -m benchmarks --parts 8 [--data_loading_rows 10000,50000,200000]   # data loading at scale
 
 Prints a table and writes every figure, the settings, the machine and the target checks to `--output` (JSON,
 written atomically). What each part measures and how is in `benchmarks/README.md`.
@@ -24,6 +25,7 @@ from typing import Any
 
 from .harness import torch_threads
 from .parts import PARTS
+from .parts.data_loading import data_loading_worker
 from .parts.frozen_vision import vision_worker
 from .parts.full_size import require_cuda
 from .parts.memory import memory_worker
@@ -42,7 +44,7 @@ def parse_args(argv: list[str] | None = None, program: str = PROGRAM) -> tuple[a
     parser.add_argument(
         "--parts",
         default=None,
-        help="Comma-separated parts to run (default 1,2,3,4; 5 and 7 with --gpu; 6, 7 on request).",
+        help="Comma-separated parts to run (default 1,2,3,4; 5 and 7 with --gpu; 6, 7, 8 on request).",
     )
     parser.add_argument("--steps", type=int, default=None, help="Timed training steps of part 2.")
     parser.add_argument("--warmup", type=int, default=None, help="Untimed warm-up steps before them.")
@@ -50,9 +52,16 @@ def parse_args(argv: list[str] | None = None, program: str = PROGRAM) -> tuple[a
     parser.add_argument("--collator_repeats", type=int, default=None, help="Repeats of part 1 (median reported).")
     parser.add_argument("--threads", type=int, default=None, help="Torch threads for parts 1-4 (default 1).")
     parser.add_argument("--peak_tflops", type=float, default=None, help="Peak bf16 TFLOP/s of the GPU, for MFU.")
+    parser.add_argument(
+        "--data_loading_rows",
+        default=None,
+        help="Comma-separated dataset sizes of part 8 (default 10000,50000,200000).",
+    )
+    parser.add_argument("--data_loading_repeats", type=int, default=None, help="Runs of each case of part 8 (median).")
     parser.add_argument("--workdir", default=None, help="Keep tiny models and data here (default: a temp dir).")
     parser.add_argument("--memory_worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--vision_worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--data_loading_worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     settings = Settings()
     if args.quick:
@@ -63,9 +72,11 @@ def parse_args(argv: list[str] | None = None, program: str = PROGRAM) -> tuple[a
         settings.parts = [1, 2, 3, 4, 5, 7]
     if 5 in settings.parts and not args.gpu:
         parser.error("part 5 runs on a GPU: add --gpu")
-    for key in ("steps", "warmup", "repeats", "collator_repeats", "peak_tflops", "threads"):
+    for key in ("steps", "warmup", "repeats", "collator_repeats", "data_loading_repeats", "peak_tflops", "threads"):
         if getattr(args, key) is not None:
             setattr(settings, key, getattr(args, key))
+    if args.data_loading_rows:
+        settings.data_loading_rows = [int(rows) for rows in args.data_loading_rows.split(",")]
     if settings.warmup < 1:
         parser.error("--warmup must be at least 1 (the clock starts at the end of the last warm-up step)")
     return args, settings
@@ -107,7 +118,8 @@ def main(args: argparse.Namespace, settings: Settings, command: str = PROGRAM) -
 
 def run(argv: list[str] | None = None, program: str = PROGRAM) -> None:
     """The command line: `program` is how it was started (`python -m benchmarks`, `python scripts/benchmark.py`).
-    With `--memory_worker`/`--vision_worker` this process is one case of part 4 or 6, started by `run_worker`."""
+    With `--memory_worker`/`--vision_worker`/`--data_loading_worker` this process is one case of part 4, 6 or 8, started
+    by `run_worker`."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("WANDB_MODE", "offline")
     args, settings = parse_args(argv, program)
@@ -115,5 +127,7 @@ def run(argv: list[str] | None = None, program: str = PROGRAM) -> None:
         memory_worker(args.memory_worker)
     elif args.vision_worker:
         vision_worker(args.vision_worker)
+    elif args.data_loading_worker:
+        data_loading_worker(args.data_loading_worker)
     else:
         main(args, settings, command=program)

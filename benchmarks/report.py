@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .parts.autocast_4bit import AUTOCAST_MODES
+from .parts.data_loading import CASE_LABELS, DATA_LOADING_TARGETS
 from .parts.frozen_vision import VISION_MODES
 from .stats import ratio_verdict
 
@@ -96,7 +97,42 @@ def target_checks(results: dict[str, Any]) -> dict[str, Any]:
             "note": "On a CPU, bitsandbytes dequantises the 4-bit weights for every matmul, so resident memory shows "
             "less than the weights' own saving (ratio_qlora_to_lora_weights). Run with --gpu for the GPU figure.",
         }
+    if "data_loading" in results:
+        checks.update(data_loading_checks(results["data_loading"]))
     return checks
+
+
+def data_loading_checks(part: dict[str, Any]) -> dict[str, Any]:
+    """Part 8's targets: seconds to the first step at 50,000 rows (the middle size where that was not run), and our
+    cases' growth of peak resident memory from the smallest size to the largest."""
+    rows = [str(size) for size in part["rows"]]
+    middle = "50000" if "50000" in rows else rows[len(rows) // 2]
+    checks: dict[str, Any] = {}
+    for case, limit in DATA_LOADING_TARGETS.items():
+        seconds = part[case][middle]["seconds_to_first_step"]
+        checks[f"data_loading_{case}_to_first_step_within_{limit:.0f}_s"] = {
+            "value": seconds,
+            "threshold": f"<= {limit:.0f}",
+            "passed": seconds <= limit,
+            "measured": f"part 8, {middle} rows, seconds from process start to the end of the first optimizer step",
+        }
+    ours = [case for case in CASE_LABELS if case.startswith("ours")]
+    growth = part["memory_growth"]
+    largest = max(ours, key=lambda case: growth[case]["peak_rss_bytes"])
+    value = growth[largest]["peak_rss_bytes"] / 1e6
+    checks["data_loading_memory_growth_under_300_mb"] = {
+        "value": value,
+        "threshold": "< 300",
+        "passed": value < 300,
+        "measured": f"part 8, peak resident memory (VmHWM) at {rows[-1]} rows minus at {rows[0]} rows, MB, the "
+        f"largest of our three cases ({largest}); anonymous memory's growth: "
+        + ", ".join(f"{case} {growth[case]['peak_anonymous_bytes'] / 1e6:.0f} MB" for case in ours),
+    }
+    return checks
+
+
+def _rows_label(rows: str) -> str:
+    return f"{int(rows) // 1000}k" if int(rows) % 1000 == 0 else rows
 
 
 def _paired(ratios: dict[str, Any]) -> str:
@@ -236,6 +272,19 @@ def format_table(report: dict[str, Any]) -> str:
             "kept for backward, QLoRA / LoRA: bitsandbytes alone; load_model",
             f"{part['ratio_saved_qlora_bitsandbytes_to_lora']:.2f}; {part['ratio_saved_qlora_ours_to_lora']:.2f}",
         )
+    if "data_loading" in results:
+        part = results["data_loading"]
+        lines.append(
+            f"8. Data loading at scale, to the first step ({part['model']}, batch {part['batch_size']}; "
+            "peak RSS, anonymous in brackets)"
+        )
+        for case, label in CASE_LABELS.items():
+            figures = "; ".join(
+                f"{_rows_label(rows)}: {run['seconds_to_first_step']:.1f} s, {run['peak_rss_bytes'] / 1e6:.0f} "
+                f"({run['peak_anonymous_bytes'] / 1e6:.0f}) MB"
+                for rows, run in part[case].items()
+            )
+            row(label, figures)
     lines.append("Targets")
     for name, check in report["targets"].items():
         verdict = "PASS" if check["passed"] else "FAIL"

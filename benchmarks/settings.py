@@ -55,6 +55,11 @@ class Settings:
     # Part 7
     autocast_vision_blocks: int = 4
     autocast_image_size: list[int] = field(default_factory=lambda: [720, 1280])  # height, width
+    # Part 8: rows of the datasets read (the 10k, 50k and 200k; its targets are for the middle one)
+    data_loading_rows: list[int] = field(default_factory=lambda: [10_000, 50_000, 200_000])
+    # Each case at each size runs this many times, in turn (the median reported): one process's import phase alone
+    # varied from 6 to 15 s on a shared 2-core machine.
+    data_loading_repeats: int = 3
 
     def shrink(self) -> None:
         self.quick = True
@@ -77,3 +82,5 @@ class Settings:
         self.vision_image_size = [56, 56]
         self.autocast_vision_blocks = 2
         self.autocast_image_size = [56, 56]
+        self.data_loading_rows = [200, 500, 1000]
+        self.data_loading_repeats = 1

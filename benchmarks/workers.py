@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +23,30 @@ MEMORY_WORKER_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(2**20)}
 WORKER_PROGRAM = f"import sys; sys.path.insert(0, {str(REPO_ROOT)!r}); from benchmarks.cli import run; run()"
 
 
-def run_worker(flag: str, path: Path, marker: str, what: str, timeout: int) -> dict[str, Any]:
-    """Run the benchmark as a worker (`flag path`) in a fresh process, with the memory workers' allocator setting, and
-    return the JSON of its last `marker` line; its stderr's end is in the error if it fails."""
+def run_worker(
+    flag: str,
+    path: Path,
+    marker: str,
+    what: str,
+    timeout: int,
+    environment: dict[str, str] | None = None,
+    allocator: dict[str, str] | None = MEMORY_WORKER_MALLOC,
+    spawned_at: str | None = None,
+) -> dict[str, Any]:
+    """Run the benchmark as a worker (`flag path`) in a fresh process, with the memory workers' allocator setting
+    (`allocator`; None keeps glibc's default) and `environment` on top of this process's, and return the JSON of its
+    last `marker` line; its stderr's end is in the error if it fails. With `spawned_at`, that variable carries the
+    time (`time.time()`) just before the process is spawned, for a worker that counts from its start."""
+    env = {**os.environ, "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false", **(allocator or {})}
+    env.update(environment or {})
+    if spawned_at:
+        env[spawned_at] = repr(time.time())
     completed = subprocess.run(
         [sys.executable, "-c", WORKER_PROGRAM, flag, str(path)],
         check=False,
         capture_output=True,
         text=True,
-        env={**os.environ, "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false", **MEMORY_WORKER_MALLOC},
+        env=env,
         timeout=timeout,
     )
     lines = [line for line in completed.stdout.splitlines() if line.startswith(marker)]

@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from benchmarks.harness import StepRecorder, take_turns
+from benchmarks.parts import data_loading
 from benchmarks.parts.autocast_4bit import benchmark_autocast_4bit
 from benchmarks.parts.full_size import benchmark_full_size, parameter_counts, peak_bf16_flops
 from benchmarks.qwen2_vl import qwen2_vl_2b_config
-from benchmarks.report import format_table, target_checks
+from benchmarks.report import data_loading_checks, format_table, target_checks
 from benchmarks.settings import Settings
 from benchmarks.stats import median_interval, paired_ratios, ratio_verdict
 from benchmarks.workspace import Workspace
@@ -130,6 +131,86 @@ def test_autocast_part_shows_the_float32_tower_and_its_fix(tmp_path):
     assert "7. 4-bit linears under bf16 autocast" in format_table(
         {"results": {"autocast_4bit": report}, "targets": {}}
     )
+
+
+@pytest.mark.slow
+def test_data_loading_part_runs_every_case_in_fresh_processes(tmp_path):
+    """Part 8 (on request only) at two tiny sizes: each case reaches its first optimizer step in its own process, the
+    map-style cases with a `Dataset`, the streamed one with an `IterableDataset`, and the phases come in order."""
+    output = tmp_path / "benchmark.json"
+    command = [sys.executable, "-m", "benchmarks", "--quick", "--parts", "8", "--data_loading_rows", "20,40"]
+    result = run_script([*command, "--workdir", str(tmp_path / "work"), "--output", str(output)], timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(output.read_text())
+    part = report["results"]["data_loading"]
+    assert part["rows"] == [20, 40]
+    assert part["datasets"]["40"]["shards"] == 1 and part["datasets"]["40"]["parquet_bytes"] > 0
+    for case in data_loading.CASES:
+        for rows in ("20", "40"):
+            run = part[case][rows]
+            assert (run["case"], run["rows"]) == (case, int(rows))
+            assert 0 < run["seconds_to_first_step"] <= run["process_seconds"]
+            assert run["peak_rss_bytes"] >= run["peak_anonymous_bytes"] > 0
+            assert run["peak_rss_before_training_bytes"] <= run["peak_rss_bytes"]
+            assert len(run["runs"]) == 1 and run["seconds_range"] == [run["seconds_to_first_step"]] * 2
+            assert run["train_dataset"] == ("IterableDataset" if case == "ours_streaming" else "Dataset")
+            ends = list(run["phase_ends"].values())
+            assert ends == sorted(ends) and ends[-1] == run["seconds_to_first_step"]
+    # The second run read the first run's cache: a cache of each size was written, and removed after its size.
+    assert part["datasets"]["40"]["cache_bytes"]["ours"] > 0 and part["datasets"]["40"]["cache_bytes"]["trl"] > 0
+    assert not (tmp_path / "work" / "cache" / "data_loading" / "rows-40").exists()
+    assert set(report["targets"]) == set(data_loading_checks(part))
+    assert "8. Data loading at scale" in result.stdout
+
+
+class TestDataLoadingData:
+    def test_shards_in_hub_layout_with_mixed_image_sizes(self, tmp_path, monkeypatch):
+        import datasets
+
+        monkeypatch.setattr(data_loading, "ROWS_PER_SHARD", 10)
+        monkeypatch.setattr(data_loading, "ROWS_PER_WRITE", 4)
+        path = tmp_path / "rows-25"
+        data_loading.write_dataset(path, 25)
+        assert sorted(file.name for file in (path / "data").iterdir()) == [
+            f"train-0000{shard}-of-00003.parquet" for shard in range(3)
+        ]
+        assert [file.name for file in tmp_path.iterdir()] == ["rows-25"]  # no scratch folder left
+        loaded = datasets.load_dataset(str(path), cache_dir=str(tmp_path / "cache"))
+        train = loaded["train"]
+        assert list(loaded) == ["train"] and len(train) == 25
+        assert train.features == data_loading.dataset_features()
+        row = train[17]
+        assert row["messages"][0]["content"][0] == {"type": "image", "text": None}
+        assert row["messages"][0]["content"][1]["text"].startswith("Sample 17. What colour")
+        assert row["messages"][1] == {"role": "assistant", "content": [{"type": "text", "text": "green"}]}
+        sizes = [tuple(image.size for image in images) for images in train.select(range(16))["images"]]
+        assert sizes == [(size,) for size in data_loading.IMAGE_SIZES]
+
+    def test_targets_use_50k_rows_and_our_largest_growth(self):
+        def run(seconds, peak, anonymous):
+            return {"seconds_to_first_step": seconds, "peak_rss_bytes": peak, "peak_anonymous_bytes": anonymous}
+
+        part = {"rows": [10_000, 50_000, 200_000], "memory_growth": {}}
+        for case, (seconds, growth) in {
+            "ours_first": (59.0, 100e6),
+            "ours_cached": (12.0, 350e6),
+            "ours_streaming": (20.0, 10e6),
+            "trl": (5.0, 900e6),  # TRL's growth is not ours: no target
+        }.items():
+            part[case] = {"10000": run(1.0, 1e9, 5e8), "50000": run(seconds, 1e9, 5e8), "200000": run(1.0, 1e9, 5e8)}
+            part["memory_growth"][case] = {"peak_rss_bytes": growth, "peak_anonymous_bytes": growth / 2}
+        checks = data_loading_checks(part)
+        assert {name: check["passed"] for name, check in checks.items()} == {
+            "data_loading_ours_first_to_first_step_within_60_s": True,
+            "data_loading_ours_cached_to_first_step_within_10_s": False,
+            "data_loading_ours_streaming_to_first_step_within_30_s": True,
+            "data_loading_memory_growth_under_300_mb": False,
+        }
+        assert checks["data_loading_memory_growth_under_300_mb"]["value"] == pytest.approx(350)
+        assert "(ours_cached)" in checks["data_loading_memory_growth_under_300_mb"]["measured"]
+        assert "8. Data loading at scale" in format_table(
+            {"results": {"data_loading": {**part, "model": "tiny", "batch_size": 2}}, "targets": checks}
+        )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where there is no GPU")
