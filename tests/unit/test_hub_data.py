@@ -388,6 +388,11 @@ class TestSources:
         with pytest.raises(DataError, match=r"no split 'validation'; its splits are \['train'\]"):
             load_splits(script_args(dataset_name=str(folder)), ["train", "validation"])
 
+    def test_unparsable_data_file_is_one_line(self, tmp_path):
+        (tmp_path / "rows.jsonl").write_text('{"messages": []}\n{"messages": [\n')
+        with pytest.raises(DataError, match=r"Cannot read dataset_name .*rows.jsonl.*one JSON object per line"):
+            load_splits(script_args(dataset_name=str(tmp_path / "rows.jsonl")), ["train"])
+
     def test_unreachable_name_is_one_line(self, tmp_path, monkeypatch):
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
         monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)

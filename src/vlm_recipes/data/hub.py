@@ -151,7 +151,7 @@ class HubSource:
                 loaded = datasets.load_from_disk(str(path))
                 if isinstance(loaded, datasets.Dataset):
                     loaded = datasets.DatasetDict({"train": loaded})
-                self._root_dirs = [str(path)]
+                self._root_dirs = [str(path.resolve())]
                 if self.streaming:
                     # Shards, so that several processes (and data-loading workers) each read their own rows.
                     loaded = datasets.IterableDatasetDict(
@@ -177,6 +177,13 @@ class HubSource:
             return datasets.load_dataset(self.name, name=self.config, streaming=self.streaming)
         except DataError:
             raise
+        except datasets.exceptions.DatasetGenerationError as error:  # a data file `datasets` cannot parse
+            cause = error.__cause__ or error
+            raise DataError(
+                f"Cannot read dataset_name {self.name!r}: `datasets` failed on its data files ({type(cause).__name__}: "
+                f"{str(cause).splitlines()[0] if str(cause) else cause!r}). Check that every file is valid "
+                "parquet/JSON/JSONL/CSV/arrow (a JSONL file: one JSON object per line)."
+            ) from None
         except (FileNotFoundError, ValueError, ConnectionError, OSError) as error:
             hint = "a local folder, data file or save_to_disk folder that exists, or a hub dataset id (with network access)"
             raise DataError(f"Cannot load dataset_name {self.name!r}: {error}. Give {hint}.") from None
